@@ -1,0 +1,323 @@
+"""CoAtNet building blocks: stem, MBConv, relative attention, Transformer block, classifier head.
+
+Paper: Dai et al., "CoAtNet: Marrying Convolution and Attention for All Data Sizes",
+arXiv:2106.04803v2 ([P]); details the paper leaves open follow the official MaxViT code ([MV]) as
+recommended in shared/COATNET_SPEC.md (section 2 and table 6).
+
+Layouts: convolutional blocks take and return NCHW tensors (optionally in channels_last memory);
+Transformer blocks take and return NHWC tensors, so LayerNorm and Linear run on the last dimension
+without the permutes a 2D LayerNorm needs. A channels_last NCHW tensor and its NHWC view share
+memory, so switching layouts between stages costs nothing.
+
+Construction never initialises weights: `init_weights` in coatnet.py does that, so a model can be
+built on the meta device (or under deepspeed.zero.Init) and initialised afterwards.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, SEModule
+from torch import nn
+
+PoolType = Literal["avg", "max"]
+Layout = Literal["nchw", "nhwc"]
+
+BN_EPS = 1e-5  # PyTorch/timm convention; [MV] uses the TF values eps 1e-3, momentum 0.99
+LN_EPS = 1e-5  # [MV]
+FFN_EXPANSION = 4  # [P Table 3 caption]
+MBCONV_EXPANSION = 4  # [P Table 3 caption]; hidden width from the output width, as in [MV]
+SE_RATIO = 0.25  # [P Table 3 caption]; squeeze width int(0.25 * D_out), as in [MV] and timm
+
+
+def pool2x2_nchw(x: torch.Tensor, pool: PoolType) -> torch.Tensor:
+    """2x2 pooling with stride 2 on an NCHW tensor."""
+    return F.max_pool2d(x, 2) if pool == "max" else F.avg_pool2d(x, 2)
+
+
+def pool2x2_nhwc(x: torch.Tensor, pool: PoolType) -> torch.Tensor:
+    """2x2 pooling with stride 2 on an NHWC tensor, by reshaping (no permute to NCHW)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c)
+    return x.amax(dim=(2, 4)) if pool == "max" else x.mean(dim=(2, 4))
+
+
+class Stem(nn.Module):
+    """S0: conv3x3/2 -> BN -> GELU -> conv3x3 [P Fig. 4].
+
+    No norm or activation after the second conv, because the next block is pre-normed; no conv bias
+    (as in timm, which is what the reference parameter counts assume).
+    """
+
+    layout: Layout = "nchw"
+
+    def __init__(self, in_chans: int, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(width, eps=BN_EPS)
+        self.act1 = nn.GELU()
+        self.conv2 = nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act1(self.norm1(self.conv1(x))))
+
+
+class MBConvBlock(nn.Module):
+    """Pre-activation MBConv with SE [P §2.2, A.1].
+
+    Regular block: x + DropPath(body(BN(x))), body = 1x1 expand (4 D_out) -> BN/GELU -> dw3x3 ->
+    BN/GELU -> SE(int(0.25 D_out), SiLU) -> 1x1 project.
+
+    Downsampling block, Eq. (5): Proj(Pool(x)) + body(BN(x)) with the stride on the 1x1 expansion
+    (`stride_on="expand1x1"`), or on the depthwise conv (`"dwconv"`, the "Strided DConv" row of
+    Table 9 and timm's default). The shortcut projection exists only when the width changes.
+    """
+
+    layout: Layout = "nchw"
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        stride: int,
+        stride_on: Literal["expand1x1", "dwconv"],
+        pool: PoolType,
+        drop_path: float,
+    ) -> None:
+        super().__init__()
+        hidden = MBCONV_EXPANSION * dim_out
+        self.stride = stride
+        self.pool = pool
+        self.shortcut = nn.Conv2d(dim_in, dim_out, 1, bias=True) if dim_in != dim_out else None
+        self.norm = nn.BatchNorm2d(dim_in, eps=BN_EPS)
+        expand_stride = stride if stride_on == "expand1x1" else 1
+        dw_stride = stride if stride_on == "dwconv" else 1
+        self.conv_expand = nn.Conv2d(dim_in, hidden, 1, stride=expand_stride, bias=False)
+        self.norm_expand = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self.conv_dw = nn.Conv2d(
+            hidden, hidden, 3, stride=dw_stride, padding=1, groups=hidden, bias=False
+        )
+        self.norm_dw = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self.act = nn.GELU()
+        self.se = SEModule(hidden, rd_channels=int(SE_RATIO * dim_out), act_layer=nn.SiLU)
+        self.conv_proj = nn.Conv2d(hidden, dim_out, 1, bias=True)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = pool2x2_nchw(x, self.pool) if self.stride > 1 else x
+        if self.shortcut is not None:
+            shortcut = self.shortcut(shortcut)
+        y = self.act(self.norm_expand(self.conv_expand(self.norm(x))))
+        y = self.act(self.norm_dw(self.conv_dw(y)))
+        y = self.conv_proj(self.se(y))
+        return shortcut + self.drop_path(y)
+
+
+@lru_cache(maxsize=64)
+def relative_position_index(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flat index into a (2H-1)x(2W-1) table for every (query, key) pair of an HxW grid.
+
+    index[i, j] = (row_i - row_j + H - 1) * (2W - 1) + (col_i - col_j + W - 1): the query-minus-key
+    convention of [P] Eq. (3) read with (i, j) as the query (and of timm's RelPosBias). Cached per
+    grid and device, so it is neither a buffer (nothing to re-create after building on meta) nor
+    recomputed each step.
+    """
+    rows, cols = torch.meshgrid(
+        torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij"
+    )
+    rows, cols = rows.flatten(), cols.flatten()
+    d_row = rows[:, None] - rows[None, :] + height - 1
+    d_col = cols[:, None] - cols[None, :] + width - 1
+    return d_row * (2 * width - 1) + d_col
+
+
+def resize_rel_pos_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resize per-head (2H-1)x(2W-1) tables to a new grid by bilinear interpolation [P A.1].
+
+    `align_corners=False` is the half-pixel convention of `tf.image.resize` used by [MV]. Unlike
+    timm's BEiT-style geometric resampling, this is the paper's plain bilinear resize.
+    """
+    size = (2 * grid[0] - 1, 2 * grid[1] - 1)
+    if tuple(table.shape[-2:]) == size:
+        return table
+    resized = F.interpolate(table[None].float(), size=size, mode="bilinear", align_corners=False)
+    return resized[0].to(table.dtype)
+
+
+class RelPosBias(nn.Module):
+    """One trainable (2H-1)x(2W-1) bias table per head [P §2.1 Eq. (3), A.1; kecam issue #10].
+
+    `forward()` gathers the (heads, HW, HW) bias added to the attention logits before the softmax.
+    Under torch.no_grad (evaluation) the gathered bias is cached until the table changes.
+    """
+
+    def __init__(self, num_heads: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.grid = grid
+        self.table = nn.Parameter(torch.empty(num_heads, 2 * grid[0] - 1, 2 * grid[1] - 1))
+        self._cache: tuple[int, int, torch.Tensor] | None = None
+
+    def set_grid(self, grid: tuple[int, int]) -> None:
+        """Change the attention grid, resizing the table bilinearly (fine-tuning at 384/512)."""
+        with torch.no_grad():
+            self.table = nn.Parameter(resize_rel_pos_table(self.table.data, grid))
+        self.grid = grid
+        self._cache = None
+
+    def forward(self) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            key = (self.table.data_ptr(), self.table._version)
+            if self._cache is not None and self._cache[:2] == key:
+                return self._cache[2]
+            bias = self._gather()
+            self._cache = (*key, bias)
+            return bias
+        self._cache = None
+        return self._gather()
+
+    def _gather(self) -> torch.Tensor:
+        index = relative_position_index(*self.grid, self.table.device)
+        return self.table.flatten(1)[:, index]
+
+
+class RelPosAttention(nn.Module):
+    """Multi-head self-attention with a pre-softmax relative bias, on NHWC tokens [P Eq. (3)].
+
+    q, k, v map D_in to heads * head_dim with heads = D_out / head_dim (the [MV] convention that
+    matches the published parameter counts, spec table 6 row 5); the output projection maps to
+    D_out.
+    The bias is passed to `scaled_dot_product_attention` as an additive mask, which picks a fused
+    kernel where one supports it and the math path otherwise.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, head_dim: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        if dim_out % head_dim:
+            raise ValueError(f"width {dim_out} is not a multiple of the head size {head_dim}")
+        self.num_heads = dim_out // head_dim
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(dim_in, 3 * dim_out)
+        self.proj = nn.Linear(dim_out, dim_out)
+        self.rel_pos = RelPosBias(self.num_heads, grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        if (h, w) != self.rel_pos.grid:
+            raise ValueError(
+                f"attention grid {h}x{w} does not match the model's {self.rel_pos.grid}; build the "
+                "model at this image size or call model.set_input_size(image_size)"
+            )
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos().to(q.dtype))
+        return self.proj(y.transpose(1, 2).reshape(b, h, w, -1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Transformer block with relative attention ("TFMRel") on NHWC tokens.
+
+    Regular: x + DropPath(Attn(LN(x))), then x + DropPath(FFN(LN(x))).
+    Downsampling, Eq. (4): Proj(Pool(x)) + Attn(Pool(LN(x))), norm before pool [P A.1].
+    Width change without pooling (first Transformer block of CoAtNet-6/7's S3): Proj(x) +
+    Attn(LN(x)) [spec section 2.5].
+    """
+
+    layout: Layout = "nhwc"
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        head_dim: int,
+        grid: tuple[int, int],
+        stride: int,
+        pool: PoolType,
+        drop_path: float,
+    ) -> None:
+        super().__init__()
+        self.stride = stride
+        self.pool = pool
+        self.shortcut = nn.Linear(dim_in, dim_out) if dim_in != dim_out else None
+        self.norm1 = nn.LayerNorm(dim_in, eps=LN_EPS)
+        self.attn = RelPosAttention(dim_in, dim_out, head_dim, grid)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim_out, eps=LN_EPS)
+        self.mlp = Mlp(dim_out, FFN_EXPANSION * dim_out, act_layer=nn.GELU)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        if self.stride > 1:
+            x = pool2x2_nhwc(x, self.pool)
+            y = pool2x2_nhwc(y, self.pool)
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        x = x + self.drop_path1(self.attn(y))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool, then either LN + Linear/tanh pre-logits + FC, or the paper's FC.
+
+    [P A.1] describes GAP + FC only; [MV] and timm's paper-like configs add LN and a tanh pre-logits
+    layer, which the published parameter counts need (spec section 2.7).
+    """
+
+    def __init__(self, width: int, num_classes: int, prelogits: bool) -> None:
+        super().__init__()
+        self.num_features = width
+        self.norm = nn.LayerNorm(width, eps=LN_EPS) if prelogits else nn.Identity()
+        self.pre_logits = (
+            nn.Sequential(nn.Linear(width, width), nn.Tanh()) if prelogits else nn.Identity()
+        )
+        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int) -> None:
+        """Replace the final layer (new class count); the new layer still needs initialising."""
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pre_logits(self.norm(x.mean(dim=(2, 3))))
+        return x if pre_logits else self.fc(x)
+
+
+def init_module_(module: nn.Module) -> None:
+    """Initialise one module's own parameters and buffers, [MV] style: N(0, 0.02), zero biases.
+
+    Kept per module so that a sharded build can initialise one module at a time.
+    """
+    if isinstance(module, nn.Conv2d | nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d | nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+    elif isinstance(module, RelPosBias):
+        nn.init.trunc_normal_(module.table, std=0.02)
+        module._cache = None
+
+
+def grid_after(image_size: int, stride: int) -> tuple[int, int]:
+    """Feature-map grid at a given total stride; image sizes are multiples of 32."""
+    side = image_size // stride
+    return side, side
+
+
+__all__ = [
+    "ClassifierHead",
+    "MBConvBlock",
+    "RelPosAttention",
+    "RelPosBias",
+    "Stem",
+    "TransformerBlock",
+    "init_module_",
+    "relative_position_index",
+    "resize_rel_pos_table",
+    "grid_after",
+]

@@ -1,0 +1,116 @@
+"""Register every CoAtNet variant with timm, so `timm.create_model("coatnet6")` works.
+
+timm registers models at import time with `@register_model` on one function per name; the names
+here are the keys of `ARCHS` (coatnet0..coatnet7, coatnet_debug), which do not clash with timm's own
+`coatnet_N_224` models. Building goes through timm's `build_model_with_cfg`, so `pretrained=True`
+with `pretrained_cfg_overlay=dict(file=...)` loads our exported weights through
+`checkpoint_filter_fn` (rel-pos tables resized, classifier replaced on a class-count change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from coatnet_scale.models.coatnet import CoAtNet, build_model, checkpoint_filter_fn
+from coatnet_scale.models.config import ARCHS, ModelConfig
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def pretrained_cfg(image_size: int = 224, num_classes: int = 1000) -> dict[str, Any]:
+    """timm's pretrained_cfg for our models: preprocessing and the names timm's tools look up."""
+    return dict(
+        url="",
+        num_classes=num_classes,
+        input_size=(3, image_size, image_size),
+        pool_size=(image_size // 32, image_size // 32),
+        crop_pct=0.875,
+        interpolation="bicubic",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        first_conv="stem.conv1",
+        classifier="head.fc",
+        license="apache-2.0",
+    )
+
+
+default_cfgs = generate_default_cfgs({name: pretrained_cfg() for name in ARCHS})
+
+
+def _from_timm_kwargs(**kwargs: Any) -> CoAtNet:
+    """timm passes `num_classes`, `in_chans` and user kwargs; `img_size` is accepted as an alias."""
+    if "img_size" in kwargs:
+        size = kwargs.pop("img_size")
+        kwargs["image_size"] = size if isinstance(size, int) else int(size[0])
+    pool = kwargs.pop("global_pool", "avg")
+    if pool not in (None, "", "avg"):
+        raise ValueError(f"CoAtNet pools by global average only, not {pool!r}")
+    unknown = set(kwargs) - _CONFIG_FIELDS
+    if unknown:
+        raise TypeError(
+            f"unknown CoAtNet option(s) {sorted(unknown)}; known: {sorted(_CONFIG_FIELDS)}"
+        )
+    # Build where the caller's default device points, so `with torch.device("meta"):` around
+    # timm.create_model("coatnet7") allocates nothing.
+    return build_model(ModelConfig(**kwargs), torch.get_default_device())
+
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> CoAtNet:
+    return build_model_with_cfg(
+        _from_timm_kwargs,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_strict=False,
+        name=variant,
+        **kwargs,
+    )
+
+
+@register_model
+def coatnet0(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    return _create("coatnet0", pretrained, **kwargs)
+
+
+@register_model
+def coatnet1(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    return _create("coatnet1", pretrained, **kwargs)
+
+
+@register_model
+def coatnet2(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    return _create("coatnet2", pretrained, **kwargs)
+
+
+@register_model
+def coatnet3(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    return _create("coatnet3", pretrained, **kwargs)
+
+
+@register_model
+def coatnet4(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    return _create("coatnet4", pretrained, **kwargs)
+
+
+@register_model
+def coatnet5(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    return _create("coatnet5", pretrained, **kwargs)
+
+
+@register_model
+def coatnet6(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    return _create("coatnet6", pretrained, **kwargs)
+
+
+@register_model
+def coatnet7(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    return _create("coatnet7", pretrained, **kwargs)
+
+
+@register_model
+def coatnet_debug(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    return _create("coatnet_debug", pretrained, **kwargs)

@@ -1,0 +1,239 @@
+"""Forward/backward, activation checkpointing, resolution change and the timm contract, on CPU."""
+
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import coatnet_scale
+from coatnet_scale.models import ModelConfig, build_model, create_model, load_weights
+from coatnet_scale.models.layers import RelPosBias, relative_position_index, resize_rel_pos_table
+
+SWITCHES = [
+    {},
+    {"mbconv_stride": "dwconv", "mbconv_pool": "max", "attn_pool": "avg"},
+    {"head": "gap_fc", "channels_last": False},
+]
+
+
+def small(name: str = "coatnet_debug", **kwargs) -> torch.nn.Module:
+    kwargs.setdefault("image_size", 64)
+    kwargs.setdefault("num_classes", 10)
+    return build_model(ModelConfig(name=name, **kwargs))
+
+
+def rel_tables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if n.endswith("rel_pos.table")}
+
+
+@pytest.mark.parametrize("name", ["coatnet_debug", "coatnet0"])
+@pytest.mark.parametrize("switches", SWITCHES)
+def test_forward_backward_gives_every_parameter_a_gradient(name: str, switches: dict) -> None:
+    model = small(name, drop_path_rate=0.1, **switches).train()
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+    out.logsumexp(dim=1).sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad
+    zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
+    assert not zero, zero
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_features_and_head_follow_timm_conventions() -> None:
+    model = small().eval()
+    x = torch.randn(2, 3, 64, 64)
+    features = model.forward_features(x)
+    assert features.shape == (2, model.num_features, 2, 2)
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+    torch.testing.assert_close(model.forward_head(features), model(x))
+    assert model.get_classifier() is model.head.fc
+    model.reset_classifier(42)
+    assert model(x).shape == (2, 42)
+    assert model.num_classes == 42 and model.cfg.num_classes == 42
+
+
+def _run(model: torch.nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
+    torch.manual_seed(seed)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("stages", [None, ("stem", "s1"), ("s3",)])
+def test_activation_checkpointing_gives_identical_outputs_gradients_and_bn_stats(stages) -> None:
+    reference = small(drop_path_rate=0.3).train()
+    checkpointed = copy.deepcopy(reference)
+    checkpointed.set_grad_checkpointing(True, stages)
+    expected = set(stages or ("stem", "s1", "s2", "s3", "s4"))
+    assert checkpointed.grad_checkpointing == expected
+    x = torch.randn(4, 3, 64, 64)
+    out_ref, grads_ref = _run(reference, x, seed=7)
+    out_ckpt, grads_ckpt = _run(checkpointed, x, seed=7)
+    assert torch.equal(out_ref, out_ckpt)
+    for name, grad in grads_ref.items():
+        assert torch.equal(grad, grads_ckpt[name]), name
+    # Running statistics are updated once per step, not again by the recompute.
+    for (name, buf), (_, buf_ckpt) in zip(
+        reference.named_buffers(), checkpointed.named_buffers(), strict=True
+    ):
+        assert torch.equal(buf, buf_ckpt), name
+
+
+def test_checkpointing_switches_off_per_stage_and_rejects_unknown_stage() -> None:
+    model = small()
+    model.set_grad_checkpointing(True)
+    model.set_grad_checkpointing(False, ["s1"])
+    assert model.grad_checkpointing == {"stem", "s2", "s3", "s4"}
+    model.set_grad_checkpointing(False)
+    assert not model.grad_checkpointing
+    with pytest.raises(ValueError, match="unknown stage"):
+        model.set_grad_checkpointing(True, ["s5"])
+
+
+def test_meta_build_then_init_gives_usable_model() -> None:
+    model = build_model(ModelConfig(name="coatnet_debug", image_size=64), "meta")
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    bn = model.stem.norm1
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    table = next(iter(rel_tables(model).values()))
+    assert 0.005 < table.std().item() < 0.05  # N(0, 0.02), not leftover memory
+    assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_no_weight_decay_names_norms_biases_and_tables_only() -> None:
+    model = small()
+    names = model.no_weight_decay()
+    params = dict(model.named_parameters())
+    assert set(rel_tables(model)) <= names
+    assert "stem.norm1.weight" in names and "head.fc.bias" in names
+    assert all(params[n].ndim <= 1 or n.endswith("rel_pos.table") for n in names)
+    decayed = set(params) - names
+    assert "stem.conv1.weight" in decayed and "head.fc.weight" in decayed
+
+
+def test_relative_position_index_is_query_minus_key() -> None:
+    index = relative_position_index(3, 4, torch.device("cpu"))
+    assert index.shape == (12, 12)
+    width = 2 * 4 - 1
+    centre = (3 - 1) * width + (4 - 1)
+    assert torch.equal(index.diagonal(), torch.full((12,), centre))
+    # query (0, 0), key (2, 3): offset (-2, -3) -> table cell (0, 0)
+    assert index[0, 11].item() == 0
+    # query (2, 3), key (0, 0): offset (2, 3) -> the last cell
+    assert index[11, 0].item() == (2 * 3 - 1) * width - 1
+
+
+def test_resize_rel_pos_table_is_bilinear_and_keeps_the_zero_offset() -> None:
+    table = torch.randn(4, 13, 13)  # CoAtNet S4 at 224: 7x7 grid
+    resized = resize_rel_pos_table(table, (12, 12))  # 384
+    assert resized.shape == (4, 23, 23)
+    torch.testing.assert_close(resized[:, 11, 11], table[:, 6, 6])  # zero offset maps to itself
+    ramp = torch.arange(13.0).expand(1, 13, 13)
+    out = resize_rel_pos_table(ramp, (16, 16))[0]  # 512: 31x31; a ramp stays a ramp inside
+    diffs = out[5, 2:-2].diff()
+    torch.testing.assert_close(diffs, torch.full_like(diffs, diffs[0].item()))
+    assert resize_rel_pos_table(table, (7, 7)) is table
+
+
+def test_set_input_size_resizes_every_table_224_384_512() -> None:
+    model = build_model(ModelConfig(name="coatnet0", image_size=224), "meta")
+    sizes = {n: tuple(t.shape[-2:]) for n, t in rel_tables(model).items()}
+    assert set(sizes.values()) == {(27, 27), (13, 13)}
+    for image_size, expected in [(384, {(47, 47), (23, 23)}), (512, {(63, 63), (31, 31)})]:
+        model.set_input_size(image_size)
+        assert {tuple(t.shape[-2:]) for t in rel_tables(model).values()} == expected
+        assert model.cfg.image_size == image_size
+    built = build_model(ModelConfig(name="coatnet0", image_size=512), "meta")
+    assert {n: t.shape for n, t in rel_tables(model).items()} == {
+        n: t.shape for n, t in rel_tables(built).items()
+    }
+
+
+def test_model_runs_at_new_resolution_after_set_input_size() -> None:
+    model = small().eval()
+    before = {n: t.detach().clone() for n, t in rel_tables(model).items()}
+    with pytest.raises(ValueError, match="set_input_size"):
+        model(torch.randn(1, 3, 96, 96))
+    model.set_input_size(96)
+    assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+    for name, table in rel_tables(model).items():
+        grid = ((table.shape[-2] + 1) // 2, (table.shape[-1] + 1) // 2)
+        torch.testing.assert_close(table.detach(), resize_rel_pos_table(before[name], grid))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_loading_weights_made_at_another_size_and_class_count(tmp_path: Path, suffix: str) -> None:
+    source = small()
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}  # as DeepSpeed names them
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    target = create_model("coatnet_debug", checkpoint=path, image_size=128, num_classes=5)
+    own = dict(target.state_dict())
+    for key, value in source.state_dict().items():
+        if key.startswith("head.fc."):
+            assert own[key].shape[0] == 5
+        elif key.endswith("rel_pos.table"):
+            grid = ((own[key].shape[-2] + 1) // 2, (own[key].shape[-1] + 1) // 2)
+            assert grid == (8, 8) or grid == (4, 4)
+            torch.testing.assert_close(own[key], resize_rel_pos_table(value, grid))
+        else:
+            assert torch.equal(own[key], value), key
+    assert target(torch.randn(1, 3, 128, 128)).shape == (1, 5)
+    assert load_weights(small(num_classes=5), path) == ["head.fc.weight", "head.fc.bias"]
+
+
+def test_loading_weights_of_another_variant_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "c0.pt"
+    torch.save(small("coatnet0").state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit coatnet_debug"):
+        create_model("coatnet_debug", checkpoint=path, image_size=64)
+
+
+def test_eval_caches_the_gathered_bias_until_the_table_changes() -> None:
+    bias = RelPosBias(2, (3, 3))
+    torch.nn.init.normal_(bias.table)
+    with torch.no_grad():
+        first = bias()
+        assert bias() is first
+        bias.table.add_(1.0)
+        second = bias()
+    assert second is not first
+    torch.testing.assert_close(second, first + 1.0)
+    assert bias().requires_grad  # training gathers afresh, with gradient
+
+
+def test_timm_create_model_accepts_timm_kwargs() -> None:
+    model = timm.create_model("coatnet_debug", num_classes=7, img_size=96)
+    assert model(torch.randn(1, 3, 96, 96)).shape == (1, 7)
+    with pytest.raises(TypeError, match="unknown CoAtNet option"):
+        timm.create_model("coatnet_debug", no_such_option=1)
+
+
+def test_models_package_imports_neither_deepspeed_nor_torch_distributed() -> None:
+    package = Path(coatnet_scale.__file__).parent / "models"
+    banned = ("deepspeed", "torch.distributed")
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if any(n == b or n.startswith(b + ".") for b in banned)]
+            assert not bad, f"{path.name} imports {bad}"
