@@ -2,8 +2,8 @@
 
     python bench/model_step.py [--batch-size 8] [--image-size 224] [--repeats 5] [--threads 2]
 
-Three models, timed round-robin (one step of each per round, so drift in machine speed hits all
-alike), median over rounds after one warm-up round:
+Three models, each timed for `repeats` steps after one warm-up step, in the order A B C then
+C B A; the median over both passes is reported:
 - baseline: timm `coatnet_0_224` (strided depthwise conv, 2x2 average pools, LN + pre-logits head);
 - ours at timm's switches (`mbconv_stride=dwconv`, `mbconv_pool=avg`, `attn_pool=avg`): the same
   architecture, checked here to have the same parameter count and the same MACs;
@@ -99,21 +99,25 @@ def main() -> None:
             model(x)
         return time.perf_counter() - start
 
+    # Each model runs its steps back to back (interleaving models step by step makes the
+    # allocator hand every model memory freshly returned by another, which adds page faults that
+    # belong to no model); the order is then reversed, so slow drift of the machine hits all alike.
     timings: dict[str, dict[str, list[float]]] = {"train": {}, "infer": {}}
+    order = list(models)
     for mode, step in (("train", train_step), ("infer", infer_step)):
-        for model in models.values():
-            model.train(mode == "train")
-        for round_index in range(args.repeats + 1):
-            for name, model in models.items():
-                seconds = step(model)
-                if round_index:  # round 0 warms up
-                    timings[mode].setdefault(name, []).append(seconds)
+        for names in (order, order[::-1]):
+            for name in names:
+                model = models[name].train(mode == "train")
+                step(model)  # warm-up
+                timings[mode].setdefault(name, []).extend(
+                    step(model) for _ in range(args.repeats)
+                )
 
     result = {
         "date": date.today().isoformat(),
         "machine": f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
         f"timm {timm.__version__}",
-        "setup": f"batch {args.batch_size}, {args.image_size}px, fp32, median of {args.repeats}",
+        "setup": f"batch {args.batch_size}, {args.image_size}px, fp32, median of 2x{args.repeats}",
         "params": params,
         "gmacs_per_image": {n: round(m / 1e9, 3) for n, m in macs.items()},
         "seconds": {},

@@ -45,6 +45,19 @@ def pool2x2_nhwc(x: torch.Tensor, pool: PoolType) -> torch.Tensor:
     return x.amax(dim=(2, 4)) if pool == "max" else x.mean(dim=(2, 4))
 
 
+def residual_add(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """branch + shortcut, written into `branch` when that is safe.
+
+    `branch` is the output of a conv/linear (or of DropPath), whose backward does not need it, so
+    adding in place saves one activation-sized allocation per residual. Under autocast the branch
+    may be bf16 while the residual stream is fp32: then the sum is a new fp32 tensor, keeping the
+    stream in full precision.
+    """
+    if branch.dtype == shortcut.dtype and branch.shape == shortcut.shape:
+        return branch.add_(shortcut)
+    return branch + shortcut
+
+
 class Stem(nn.Module):
     """S0: conv3x3/2 -> BN -> GELU -> conv3x3 [P Fig. 4].
 
@@ -113,7 +126,7 @@ class MBConvBlock(nn.Module):
         y = self.act(self.norm_expand(self.conv_expand(self.norm(x))))
         y = self.act(self.norm_dw(self.conv_dw(y)))
         y = self.conv_proj(self.se(y))
-        return shortcut + self.drop_path(y)
+        return residual_add(self.drop_path(y), shortcut)
 
 
 @lru_cache(maxsize=64)
@@ -255,8 +268,8 @@ class TransformerBlock(nn.Module):
             y = pool2x2_nhwc(y, self.pool)
         if self.shortcut is not None:
             x = self.shortcut(x)
-        x = x + self.drop_path1(self.attn(y))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = residual_add(self.drop_path1(self.attn(y)), x)
+        return residual_add(self.drop_path2(self.mlp(self.norm2(x))), x)
 
 
 class ClassifierHead(nn.Module):
