@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from coatnet_scale.models import ModelConfig, build_model  # noqa: E402
+from coatnet_scale.models import ModelConfig, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
@@ -67,9 +67,7 @@ def main() -> None:
 
     timm_switches = dict(mbconv_stride="dwconv", mbconv_pool="avg", attn_pool="avg")
     builders = {
-        "timm coatnet_0_224": lambda: timm.create_model(
-            "coatnet_0_224", img_size=args.image_size
-        ),
+        "timm coatnet_0_224": lambda: timm.create_model("coatnet_0_224", img_size=args.image_size),
         "ours, timm switches": lambda: build_model(
             ModelConfig(name="coatnet0", image_size=args.image_size, **timm_switches)
         ),
@@ -109,9 +107,7 @@ def main() -> None:
             for name in names:
                 model = models[name].train(mode == "train")
                 step(model)  # warm-up
-                timings[mode].setdefault(name, []).extend(
-                    step(model) for _ in range(args.repeats)
-                )
+                timings[mode].setdefault(name, []).extend(step(model) for _ in range(args.repeats))
 
     result = {
         "date": date.today().isoformat(),
@@ -124,8 +120,10 @@ def main() -> None:
         "ratio_vs_timm": {},
     }
     print(f"{result['machine']}; {result['setup']}")
-    print(f"{'model':<22}{'params':>12}{'GMACs':>8}{'train s':>9}{'ratio':>7}"
-          f"{'infer s':>9}{'ratio':>7}")
+    print(
+        f"{'model':<22}{'params':>12}{'GMACs':>8}{'train s':>9}{'ratio':>7}"
+        f"{'infer s':>9}{'ratio':>7}"
+    )
     for name in models:
         row = {}
         for mode in ("train", "infer"):
@@ -136,8 +134,10 @@ def main() -> None:
         ratios = {mode: row[mode] / base[mode] for mode in row}
         for mode, ratio in ratios.items():
             result["ratio_vs_timm"][f"{mode}/{name}"] = round(ratio, 3)
-        print(f"{name:<22}{params[name]:>12,}{macs[name] / 1e9:>8.2f}{row['train']:>9.3f}"
-              f"{ratios['train']:>7.2f}{row['infer']:>9.3f}{ratios['infer']:>7.2f}")
+        print(
+            f"{name:<22}{params[name]:>12,}{macs[name] / 1e9:>8.2f}{row['train']:>9.3f}"
+            f"{ratios['train']:>7.2f}{row['infer']:>9.3f}{ratios['infer']:>7.2f}"
+        )
 
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     existing["model_step"] = result

@@ -35,7 +35,12 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 class DataConfig:
     """Input pipeline: which shards, how many loader workers, which augmentations."""
 
-    train_shards: str | None = option(None, "train shards: manifest JSON or brace pattern")
+    train_shards: tuple[str, ...] = option(
+        (), "train sources: one manifest JSON or brace pattern per source"
+    )
+    train_weights: tuple[float, ...] = option(
+        (), "mixing weight per train source (empty: proportional to source sizes)"
+    )
     val_shards: str | None = option(None, "validation shards: manifest JSON or brace pattern")
     num_workers: int = option(4, "loader worker processes per rank")
     shuffle_buffer: int = option(5000, "samples held in the shuffle buffer per worker")
@@ -48,8 +53,20 @@ class DataConfig:
     cutmix_alpha: float = option(0.0, "cutmix alpha (0 disables cutmix)")
     crop_scale_min: float = option(0.08, "smallest RandomResizedCrop area fraction")
     eval_crop_pct: float = option(0.875, "center-crop fraction for evaluation")
+    max_bad_fraction: float = option(0.01, "stop when more than this share of samples is bad")
 
     def validate(self) -> None:
+        if self.train_weights and len(self.train_weights) != len(self.train_shards):
+            raise ConfigError(
+                "train_weights",
+                f"{len(self.train_weights)} weights for {len(self.train_shards)} train sources",
+            )
+        if any(w < 0 for w in self.train_weights) or (
+            self.train_weights and sum(self.train_weights) <= 0
+        ):
+            raise ConfigError("train_weights", "weights must be >= 0 and not all 0")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
@@ -350,10 +367,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item_type, *_rest) = typing.get_args(tp)
         if isinstance(value, str):
             text = value.strip()
-            if text.startswith("["):
-                value = yaml.safe_load(text)
-            else:
-                value = [v.strip() for v in text.split(",") if v.strip()]
+            value = yaml.safe_load(text) if text.startswith("[") else _split_top_level(text)
         if not isinstance(value, list | tuple):
             raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
@@ -382,6 +396,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(key, f"expected a string, got {value!r}")
     raise TypeError(f"{key}: unsupported config type {tp!r}")  # a bug in a section definition
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside braces, so `a-{0..9}.tar,b-{x,y}.tar` is two shard patterns."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
 
 
 def _parse_number(text: str, key: str, tp: type) -> int | float:

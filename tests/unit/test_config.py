@@ -85,7 +85,7 @@ def test_overrides_parse_every_field_type() -> None:
             "activation_checkpointing.policy=stages",
             "activation_checkpointing.stages=stem,s1",
             "logging.wandb_entity=my-team",
-            "data.train_shards=/data/in21k-{000000..000999}.tar",
+            "data.train_shards=/data/in21k-{000000..000999}.tar,/data/extra-{a,b}.tar",
             "zero.reduce_bucket_size=2e8",
         ]
     )
@@ -95,7 +95,7 @@ def test_overrides_parse_every_field_type() -> None:
     assert cfg.optim.betas == (0.9, 0.95)
     assert cfg.activation_checkpointing.checkpointed_stages() == ("stem", "s1")
     assert cfg.logging.wandb_entity == "my-team"
-    assert cfg.data.train_shards == "/data/in21k-{000000..000999}.tar"
+    assert cfg.data.train_shards == ("/data/in21k-{000000..000999}.tar", "/data/extra-{a,b}.tar")
     assert cfg.zero.reduce_bucket_size == 200_000_000
     assert load_config(overrides=["logging.wandb_entity=null"]).logging.wandb_entity is None
 
