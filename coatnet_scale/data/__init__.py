@@ -1,0 +1,1 @@
+"""Input data: shard manifests, the resumable/elastic train pipeline, the eval pipeline."""

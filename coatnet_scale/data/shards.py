@@ -1,0 +1,228 @@
+"""Shard manifests and indexed reading of WebDataset tar shards.
+
+A manifest is one JSON file per dataset split, written by `data_tools.make_shards`. It is a valid
+`wids` shard index (`__kind__: wids-shard-index-v1`, `shardlist` of `url`/`nsamples`/`filesize`,
+URLs relative to the manifest) with our extra fields: per-shard `sha256`, the class names and
+totals. The pipeline takes epoch lengths and per-shard sample counts from it, so every rank knows
+the whole dataset without opening a tar.
+
+`TarIndex` gives random access to the samples of one shard. It fills a gap that `wids` leaves for
+our use: wids copies local shards into a cache directory, asserts (kills the worker) on a
+truncated tar or a count mismatch, and prints on every dataset creation. Here a truncated tar
+keeps its readable prefix and reports the rest as missing, and a missing shard is an error the
+pipeline counts per sample instead of a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+
+MANIFEST_KIND = "wids-shard-index-v1"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar shard: its path, sample count, size in bytes and checksum (None if unknown)."""
+
+    path: str
+    nsamples: int
+    filesize: int = 0
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A dataset split: its shards in order, class names and where it was read from."""
+
+    name: str
+    shards: tuple[ShardInfo, ...]
+    classes: tuple[str, ...] = ()
+    source: str = ""  # the manifest path or shard pattern it came from
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.nsamples for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.filesize for s in self.shards)
+
+    def fingerprint(self) -> str:
+        """Identifies the sample order: shard names and counts (not their absolute location)."""
+        text = json.dumps([(Path(s.path).name, s.nsamples) for s in self.shards])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file under a temporary name in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(
+    path: str | Path, name: str, shards: Sequence[ShardInfo], classes: Sequence[str]
+) -> Manifest:
+    """Write a wids-compatible manifest; shard URLs are stored relative to the manifest."""
+    path = Path(path)
+    entries = []
+    for s in shards:
+        rel = os.path.relpath(s.path, path.parent)
+        entries.append(
+            {"url": rel, "nsamples": s.nsamples, "filesize": s.filesize, "sha256": s.sha256}
+        )
+    body = {
+        "__kind__": MANIFEST_KIND,
+        "wids_version": 1,
+        "name": name,
+        "shardlist": entries,
+        "classes": list(classes),
+        "total_samples": sum(s.nsamples for s in shards),
+        "total_bytes": sum(s.filesize for s in shards),
+    }
+    atomic_write_text(path, json.dumps(body, indent=1) + "\n")
+    return Manifest(name, tuple(shards), tuple(classes), str(path))
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read a manifest; shard paths are resolved relative to its folder."""
+    path = Path(path)
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"shard manifest {path} does not exist; make shards with "
+            "`python -m data_tools.make_shards` or `python -m data_tools.make_demo`"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"shard manifest {path} is not valid JSON: {err}") from None
+    if not isinstance(body, dict) or "shardlist" not in body:
+        raise ValueError(f"{path} is not a shard manifest (no 'shardlist')")
+    shards = tuple(
+        ShardInfo(
+            str((path.parent / e["url"]).resolve()) if "://" not in e["url"] else e["url"],
+            int(e["nsamples"]),
+            int(e.get("filesize", 0)),
+            e.get("sha256"),
+        )
+        for e in body["shardlist"]
+    )
+    extra = {k: v for k, v in body.items() if k not in ("shardlist", "classes", "name")}
+    return Manifest(
+        body.get("name", path.stem), shards, tuple(body.get("classes", ())), str(path), extra
+    )
+
+
+def resolve_shards(spec: str) -> Manifest:
+    """A manifest JSON path, or a brace pattern (`/d/train-{000000..000099}.tar`).
+
+    A pattern has no manifest, so each tar is indexed once here to count its samples; prefer a
+    manifest for large datasets.
+    """
+    if spec.endswith(".json"):
+        return load_manifest(spec)
+    paths = list(braceexpand.braceexpand(spec))
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} shard(s) of {spec} do not exist, e.g. {missing[0]}"
+        )
+    shards = tuple(
+        ShardInfo(str(Path(p).resolve()), len(TarIndex(p)), Path(p).stat().st_size) for p in paths
+    )
+    return Manifest(Path(paths[0]).stem.rsplit("-", 1)[0], shards, (), spec)
+
+
+def split_key(member_name: str) -> tuple[str, str]:
+    """`dir/000123.jpg` -> (`dir/000123`, `jpg`): WebDataset keys end at the first dot of the
+    base name."""
+    folder, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+class TarIndex:
+    """Random access to the samples (consecutive members sharing a key) of one tar shard.
+
+    Indexing reads only the 512-byte headers. A truncated or damaged tail ends the index at the
+    last complete member (`truncated` is then True); those samples are simply absent.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._fd: int | None = None
+        self.truncated = False
+        self.samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+        size = os.path.getsize(self.path)
+        try:
+            with tarfile.open(self.path, mode="r:") as tar:
+                for member in _members(tar):
+                    if not member.isfile():
+                        continue
+                    if member.offset_data + member.size > size:
+                        self.truncated = True
+                        break
+                    key, ext = split_key(member.name)
+                    if not self.samples or self.samples[-1][0] != key:
+                        self.samples.append((key, {}))
+                    self.samples[-1][1][ext] = (member.offset_data, member.size)
+        except tarfile.ReadError:
+            if not self.samples:
+                raise
+            self.truncated = True
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> tuple[str, dict[str, bytes]]:
+        """(key, {extension: bytes}) of the sample at `index`."""
+        key, members = self.samples[index]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        out = {ext: os.pread(self._fd, size, offset) for ext, (offset, size) in members.items()}
+        if any(len(data) != members[ext][1] for ext, data in out.items()):
+            raise OSError(f"{self.path}: sample {key} is shorter than its tar header says")
+        return key, out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _members(tar: tarfile.TarFile) -> Iterable[tarfile.TarInfo]:
+    while True:
+        try:
+            member = tar.next()
+        except (tarfile.ReadError, EOFError, OSError) as err:
+            raise tarfile.ReadError(str(err)) from err
+        if member is None:
+            return
+        yield member

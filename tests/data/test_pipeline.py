@@ -1,0 +1,234 @@
+"""The train/eval pipelines: exact and elastic resume, equal batches, mixing, bad data, decode."""
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from coatnet_scale.config import load_config
+from coatnet_scale.data.pipeline import (
+    BatchPlan,
+    DataError,
+    SampleOrder,
+    TrainLoader,
+    build_eval_loader,
+    build_train_loader,
+    eval_loader,
+)
+from coatnet_scale.data.shards import load_manifest
+from coatnet_scale.data.transforms import (
+    TrainAugment,
+    _draft_scale,
+    build_mixup,
+    decode_eval,
+    normalize,
+)
+from tests.data.conftest import jpeg_bytes, shard_set
+
+UNEVEN = [11, 2, 7, 1, 9]  # 30 samples in shards of very different sizes
+AUG = TrainAugment(image_size=16, randaugment_n=2, randaugment_m=9)
+
+
+def loader(manifests, plan, workers=0, seed=0, mode="exact", weights=None) -> TrainLoader:
+    weights = weights or [float(m.total_samples) for m in manifests]
+    return TrainLoader(manifests, weights, seed, mode, plan, AUG, workers, 0.5)
+
+
+def take_steps(ld: TrainLoader, steps: int) -> list[list[str]]:
+    """Keys of each micro-batch for `steps` optimizer steps of this loader's rank."""
+    out = []
+    for batch in ld:
+        out.append(batch["key"])
+        if len(out) == steps * ld.plan.accumulation:
+            break
+    return out
+
+
+def run_ranks(manifests, world, steps, global_batch, micro, workers, state=None, **kw):
+    """Simulate `world` ranks (each its own loader) for `steps`; returns per-step key sets and the
+    last state (identical on every rank)."""
+    per_step: list[list[str]] = [[] for _ in range(steps)]
+    states = []
+    for rank in range(world):
+        ld = loader(manifests, BatchPlan(global_batch, micro, rank, world), workers, **kw)
+        if state is not None:
+            ld.load_state_dict(state)
+        micro_batches = take_steps(ld, steps)
+        assert len(micro_batches) == steps * ld.plan.accumulation  # equal batch counts
+        for i, keys in enumerate(micro_batches):
+            per_step[i // ld.plan.accumulation].extend(keys)
+        states.append(ld.state_dict())
+    assert all(s == states[0] for s in states)
+    return per_step, states[0]
+
+
+@pytest.fixture
+def uneven(tmp_path: Path):
+    return [load_manifest(shard_set(tmp_path, UNEVEN))]
+
+
+def test_every_rank_gets_equal_batches_with_uneven_shards(uneven) -> None:
+    per_step, state = run_ranks(uneven, world=2, steps=7, global_batch=8, micro=2, workers=2)
+    keys = [k for step in per_step for k in step]
+    assert len(keys) == 56
+    first_epoch, second = keys[:30], keys[30:]
+    assert len(set(first_epoch)) == 30  # every sample once, none repeated
+    assert len(set(second)) == len(second)
+    assert state["samples_consumed"] == 56 and state["epoch"] == 1
+    assert state["samples_into_epoch"] == 26
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_exact_resume_continues_with_unseen_samples(uneven, before: int, after: int) -> None:
+    straight, _ = run_ranks(uneven, world=1, steps=6, global_batch=8, micro=4, workers=0)
+    head, state = run_ranks(
+        uneven, world=before, steps=2, global_batch=8, micro=4 // before, workers=2
+    )
+    tail, _ = run_ranks(
+        uneven,
+        world=after,
+        steps=4,
+        global_batch=8,
+        micro=4 // after,
+        workers=1 + after % 2,
+        state=state,
+    )
+    resumed = head + tail
+    # Same samples step by step as the uninterrupted run, whatever the ranks and workers.
+    assert [sorted(s) for s in resumed] == [sorted(s) for s in straight]
+    epoch = [k for step in resumed for k in step][:30]
+    assert len(set(epoch)) == 30
+
+
+def test_same_seed_same_order_other_seed_other_order(uneven) -> None:
+    plan = BatchPlan(6, 3, 0, 1)
+    a = take_steps(loader(uneven, plan, seed=1), 3)
+    b = take_steps(loader(uneven, plan, workers=2, seed=1), 3)
+    c = take_steps(loader(uneven, plan, seed=2), 3)
+    assert a == b
+    assert a != c
+
+
+def test_augmentation_depends_only_on_the_slot(uneven) -> None:
+    one = next(iter(loader(uneven, BatchPlan(4, 4, 0, 1))))
+    two = [next(iter(loader(uneven, BatchPlan(4, 2, r, 2), workers=1))) for r in (0, 1)]
+    assert torch.equal(one["image"], torch.cat([two[0]["image"], two[1]["image"]]))
+
+
+def test_resampled_mode_resumes_and_repeats(uneven) -> None:
+    straight, _ = run_ranks(uneven, 1, 10, 8, 8, 0, mode="resampled")
+    head, state = run_ranks(uneven, 2, 4, 8, 4, 0, mode="resampled")
+    tail, _ = run_ranks(uneven, 1, 6, 8, 8, 0, state=state, mode="resampled")
+    assert [sorted(s) for s in head + tail] == [sorted(s) for s in straight]
+    keys = [k for step in straight for k in step][:30]
+    assert len(set(keys)) < 30  # with replacement
+
+
+def test_sources_mix_by_weight_deterministically(tmp_path: Path) -> None:
+    big = load_manifest(shard_set(tmp_path / "a", [40, 40], name="big"))
+    small = load_manifest(shard_set(tmp_path / "b", [5], name="small"))
+    order = SampleOrder([[40, 40], [5]], [3.0, 1.0], seed=0)
+    sources = Counter(order.source_position(s)[0] for s in range(2000))
+    assert sources == {0: 1500, 1: 500}
+    per_step, state = run_ranks([big, small], 1, 10, 8, 8, 0, weights=[3.0, 1.0])
+    keys = [k for step in per_step for k in step]
+    small_keys = [k for k in keys if k.startswith("small")]
+    assert 10 <= len(small_keys) <= 30  # about a quarter of 80
+    # the small source cycles through whole epochs: every 5 of its draws are 5 distinct samples
+    for i in range(0, len(small_keys) - 4, 5):
+        assert len(set(small_keys[i : i + 5])) == 5
+    head, mid = run_ranks([big, small], 2, 4, 8, 4, 0, weights=[3.0, 1.0])
+    tail, _ = run_ranks([big, small], 1, 6, 8, 8, 0, weights=[3.0, 1.0], state=mid)
+    assert [sorted(s) for s in head + tail] == [sorted(s) for s in per_step]
+
+
+def test_resume_refuses_changed_data(uneven, tmp_path: Path) -> None:
+    _, state = run_ranks(uneven, 1, 1, 4, 4, 0)
+    other = [load_manifest(shard_set(tmp_path / "o", [5, 5]))]
+    with pytest.raises(ValueError, match="training data changed"):
+        loader(other, BatchPlan(4, 4, 0, 1)).load_state_dict(state)
+
+
+def test_bad_samples_are_counted_replaced_and_limited(uneven, tmp_path: Path) -> None:
+    manifest = uneven[0]
+    Path(manifest.shards[1].path).unlink()  # 2 samples gone
+    broken = Path(manifest.shards[3].path)  # 1 sample: garbage instead of a tar
+    broken.write_bytes(b"x" * 100)
+    ld = loader(uneven, BatchPlan(10, 10, 0, 1))
+    batches = take_steps(ld, 3)
+    assert all(len(keys) == 10 for keys in batches)
+    assert ld.bad_samples == 3 and ld.samples_seen == 30
+    assert sum(1 for keys in batches for k in keys if k == "") == 3
+    strict = TrainLoader(uneven, [30.0], 0, "exact", BatchPlan(10, 10, 0, 1), AUG, 0, 0.0)
+    strict_iter = iter(strict)
+    with pytest.raises(DataError, match="verify_shards"):
+        for _ in range(200):
+            next(strict_iter)
+
+
+def test_every_sample_bad_stops_quickly(tmp_path: Path) -> None:
+    manifest = load_manifest(shard_set(tmp_path, [6]))
+    Path(manifest.shards[0].path).unlink()
+    with pytest.raises(DataError, match="could not be read"):
+        take_steps(loader([manifest], BatchPlan(2, 2, 0, 1)), 5)
+
+
+def test_eval_covers_every_sample_once_with_equal_batches(uneven) -> None:
+    manifest = uneven[0]
+    seen, counts = [], []
+    for rank in range(4):
+        batches = list(eval_loader(manifest, 3, rank, 4, 16, 0.875, num_workers=2))
+        counts.append(len(batches))
+        for b in batches:
+            seen.extend(k for k, v in zip(b["key"], b["valid"].tolist(), strict=True) if v)
+            assert b["image"].shape == (3, 3, 16, 16)
+    assert len(set(counts)) == 1
+    assert sorted(seen) == sorted(f"train{i:06d}" for i in range(30))
+
+
+def test_loaders_from_config_and_missing_data_message(uneven) -> None:
+    path = uneven[0].source
+    cfg = load_config(
+        model="coatnet_debug", overrides=[f"data.train_shards={path}", f"data.val_shards={path}"]
+    )
+    ld = build_train_loader(cfg.data, 16, BatchPlan(4, 4, 0, 1), seed=0)
+    assert next(iter(ld))["image"].shape == (4, 3, 16, 16)
+    assert len(list(build_eval_loader(cfg.data, 16, 8, 0, 1))) == 4
+    with pytest.raises(ValueError, match="set data.train_shards"):
+        build_train_loader(load_config().data, 16, BatchPlan(4, 4, 0, 1), seed=0)
+
+
+def test_draft_decoding_keeps_output_size_and_content() -> None:
+    gradient = np.tile(np.linspace(0, 255, 1024, dtype=np.uint8), (768, 1))
+    rgb = np.stack([gradient, 255 - gradient, gradient], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    img = Image.open(io.BytesIO(data))
+    assert _draft_scale(img, (0, 0, 1024, 768), 64) == 0.125  # 1/8-scale DCT decode
+    img = Image.open(io.BytesIO(data))
+    assert _draft_scale(img, (0, 0, 200, 200), 64) == 0.5  # 1/4 would leave the box < 64 px
+    small = decode_eval(data, 64, 1.0)
+    full = (
+        Image.open(io.BytesIO(data))
+        .convert("RGB")
+        .resize((64, 64), Image.BICUBIC, box=(128, 0, 896, 768))
+    )
+    reference = torch.from_numpy(np.asarray(full)).permute(2, 0, 1)
+    assert small.shape == (3, 64, 64)
+    assert (small.float() - reference.float()).abs().mean() < 3.0
+
+
+def test_normalize_and_mixup() -> None:
+    images = torch.full((4, 3, 8, 8), 255, dtype=torch.uint8)
+    out = normalize(images)
+    assert out.dtype == torch.float32 and out[:, 0].max() == pytest.approx((1 - 0.485) / 0.229)
+    mixup = build_mixup(0.8, 0.0, 0.1, num_classes=5)
+    x, y = mixup(out.clone(), torch.tensor([0, 1, 2, 3]))
+    assert y.shape == (4, 5) and torch.allclose(y.sum(1), torch.ones(4))
+    assert build_mixup(0.0, 0.0, 0.1, 5) is None
+    assert jpeg_bytes(0)[:2] == b"\xff\xd8"
