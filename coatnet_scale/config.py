@@ -52,6 +52,9 @@ class DataConfig:
     mixup_alpha: float = option(0.8, "mixup alpha (0 disables mixup)")
     cutmix_alpha: float = option(0.0, "cutmix alpha (0 disables cutmix)")
     crop_scale_min: float = option(0.08, "smallest RandomResizedCrop area fraction")
+    train_interpolation: Literal["bilinear", "bicubic"] = option(
+        "bilinear", "resampling of the training crop (bicubic costs about 2x on CPU)"
+    )
     eval_crop_pct: float = option(0.875, "center-crop fraction for evaluation")
     max_bad_fraction: float = option(0.01, "stop when more than this share of samples is bad")
 

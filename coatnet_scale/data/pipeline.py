@@ -533,7 +533,13 @@ def build_train_loader(cfg: DataConfig, image_size: int, plan: BatchPlan, seed: 
     """The training loader of the `data` config section for this rank."""
     manifests = load_sources(cfg.train_shards)
     weights = cfg.train_weights or tuple(float(m.total_samples) for m in manifests)
-    augment = TrainAugment(image_size, cfg.crop_scale_min, cfg.randaugment_n, cfg.randaugment_m)
+    augment = TrainAugment(
+        image_size,
+        cfg.crop_scale_min,
+        cfg.randaugment_n,
+        cfg.randaugment_m,
+        interpolation=cfg.train_interpolation,
+    )
     return TrainLoader(
         manifests,
         weights,

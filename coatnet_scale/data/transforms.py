@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import Mixup, rand_augment_transform
+from timm.data.auto_augment import _RAND_TRANSFORMS, RandAugment
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
@@ -39,16 +40,25 @@ class TrainAugment:
     randaugment_n: int = 2
     randaugment_m: int = 15
     hflip: float = 0.5
+    interpolation: str = "bilinear"  # or "bicubic": about 2x the resize cost on CPU
 
-    def randaugment(self):
+    def randaugment(self) -> RandAugment | None:
+        """timm's RandAugment with the paper's (n, m).
+
+        timm clips the magnitude to its scale's maximum, 10, so the paper's m=15 acts as 10. Its
+        TF-style Posterize keeps int(m / 10 * 4) bits, 0 for m < 2.5, which Pillow >= 11 rejects
+        ("bits must be between 1 and 8"); the original AutoAugment Posterize (4..8 bits) stands
+        in for it.
+        """
         if self.randaugment_n == 0:
             return None
         hparams = dict(
             translate_const=int(self.image_size * 0.45),
             img_mean=tuple(round(255 * x) for x in IMAGENET_DEFAULT_MEAN),
         )
-        spec = f"rand-m{self.randaugment_m}-n{self.randaugment_n}-mstd0.5-inc1"
-        return rand_augment_transform(spec, hparams)
+        ops = [op if op != "Posterize" else "PosterizeOriginal" for op in _RAND_TRANSFORMS]
+        spec = f"rand-m{self.randaugment_m}-n{self.randaugment_n}"
+        return rand_augment_transform(spec, hparams, transforms=ops)
 
 
 def _draft_scale(img: Image.Image, box: tuple[float, float, float, float], out: int) -> float:
@@ -74,7 +84,8 @@ def decode_train(data: bytes, aug: TrainAugment, randaugment=None) -> torch.Tens
     img = img.convert("RGB")
     box = tuple(v * scale for v in box)
     size = (aug.image_size, aug.image_size)
-    img = img.resize(size, Image.BICUBIC, box=box, reducing_gap=None)
+    resample = Image.BICUBIC if aug.interpolation == "bicubic" else Image.BILINEAR
+    img = img.resize(size, resample, box=box, reducing_gap=None)
     if random.random() < aug.hflip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if randaugment is not None:

@@ -232,3 +232,15 @@ def test_normalize_and_mixup() -> None:
     assert y.shape == (4, 5) and torch.allclose(y.sum(1), torch.ones(4))
     assert build_mixup(0.0, 0.0, 0.1, 5) is None
     assert jpeg_bytes(0)[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("magnitude", [0, 1, 5, 15, 30])
+def test_randaugment_never_crashes_at_any_magnitude(magnitude: int) -> None:
+    import random
+
+    ra = TrainAugment(32, randaugment_n=4, randaugment_m=magnitude).randaugment()
+    img = Image.open(io.BytesIO(jpeg_bytes(3, (32, 32)))).convert("RGB")
+    for seed in range(50):
+        random.seed(seed)
+        np.random.seed(seed)
+        assert ra(img).size == (32, 32)
