@@ -16,9 +16,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from coatnet_scale.data.shards import Manifest, ShardInfo, TarIndex, load_manifest, sha256_file
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from coatnet_scale.data.shards import (
+    IMAGE_EXTS,
+    Manifest,
+    ShardInfo,
+    TarIndex,
+    load_manifest,
+    sha256_file,
+)
 
 
 def verify_shard(

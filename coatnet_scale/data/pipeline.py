@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from coatnet_scale.config import DataConfig
-from coatnet_scale.data.shards import Manifest, TarIndex, resolve_shards
+from coatnet_scale.data.shards import IMAGE_EXTS, Manifest, TarIndex, resolve_shards
 from coatnet_scale.data.transforms import TrainAugment, decode_eval, decode_train
 
 log = logging.getLogger("coatnet_scale.data")
@@ -230,10 +230,15 @@ class ShardReader:
         return tar
 
 
-def parse_label(data: dict[str, bytes]) -> int:
+def image_and_label(key: str, data: dict[str, bytes]) -> tuple[bytes, int]:
+    """The encoded image and integer label of a sample, or a KeyError/ValueError saying which
+    member is missing or malformed."""
+    image = next((data[ext] for ext in IMAGE_EXTS if ext in data), None)
+    if image is None:
+        raise KeyError(f"sample {key} has no image member ({', '.join(IMAGE_EXTS)})")
     if "cls" not in data:
-        raise KeyError("no .cls member (missing label)")
-    return int(data["cls"].decode().strip())
+        raise KeyError(f"sample {key} has no .cls member (missing label)")
+    return image, int(data["cls"].decode().strip())
 
 
 class _RateLimitedWarning:
@@ -339,10 +344,7 @@ class TrainStream(IterableDataset):
         np.random.seed(per_slot % (1 << 32))  # timm's RandAugment picks ops with numpy
         try:
             key, data = reader.read(source, index)
-            label = parse_label(data)
-            image = data.get("jpg") or data.get("jpeg") or data.get("png") or data.get("webp")
-            if image is None:
-                raise KeyError(f"no image member in sample {key}")
+            image, label = image_and_label(key, data)
             return key, decode_train(image, self.augment, randaugment), label
         except Exception as err:
             warn(f"skipping bad sample (source {source}, index {index}): {err}")
@@ -497,10 +499,8 @@ class EvalStream(IterableDataset):
     def _sample(self, reader, index, warn):
         try:
             key, data = reader.read(0, index)
-            image = data.get("jpg") or data.get("jpeg") or data.get("png") or data.get("webp")
-            if image is None:
-                raise KeyError(f"no image member in sample {key}")
-            return key, decode_eval(image, self.image_size, self.crop_pct), parse_label(data)
+            image, label = image_and_label(key, data)
+            return key, decode_eval(image, self.image_size, self.crop_pct), label
         except Exception as err:
             warn(f"skipping bad validation sample {index}: {err}")
             return None

@@ -27,6 +27,7 @@ from pathlib import Path
 import braceexpand
 
 MANIFEST_KIND = "wids-shard-index-v1"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # members the pipeline and the verifier accept
 
 
 @dataclass(frozen=True)
