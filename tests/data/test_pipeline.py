@@ -244,3 +244,16 @@ def test_randaugment_never_crashes_at_any_magnitude(magnitude: int) -> None:
         random.seed(seed)
         np.random.seed(seed)
         assert ra(img).size == (32, 32)
+
+
+def test_brace_pattern_counts_samples_like_the_manifest(uneven) -> None:
+    from coatnet_scale.data.shards import resolve_shards
+
+    manifest = uneven[0]
+    folder = Path(manifest.shards[0].path).parent
+    pattern = str(folder / "train-{000000..000004}.tar")
+    listed = resolve_shards(pattern)
+    assert [s.nsamples for s in listed.shards] == UNEVEN
+    assert listed.fingerprint() == manifest.fingerprint()
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        resolve_shards(str(folder / "train-{000000..000009}.tar"))
