@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo model-demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job on its embedded default
+DEMO_RUN := runs/demo
+
+demo: $(STAMP)  ## the main job: demo shards, then a 2-rank DeepSpeed ZeRO-2 pretraining on CPU
+	$(PY) -m data_tools.make_demo --out data/demo
+	rm -rf $(DEMO_RUN)
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py \
+		--model coatnet0 --config configs/demo.yaml train.run_dir=$(DEMO_RUN)
+	$(PY) -m coatnet_scale.plots $(DEMO_RUN)
+
+model-demo: $(STAMP)  ## the model family at a glance and one training step
 	$(PY) launch/model_demo.py
 
 test: $(STAMP)  ## the whole test suite

@@ -52,6 +52,7 @@ class DataConfig:
     mixup_alpha: float = option(0.8, "mixup alpha (0 disables mixup)")
     cutmix_alpha: float = option(0.0, "cutmix alpha (0 disables cutmix)")
     crop_scale_min: float = option(0.08, "smallest RandomResizedCrop area fraction")
+    hflip: float = option(0.5, "probability of a horizontal flip")
     train_interpolation: Literal["bilinear", "bicubic"] = option(
         "bilinear", "resampling of the training crop (bicubic costs about 2x on CPU)"
     )
@@ -79,6 +80,8 @@ class DataConfig:
         for key in ("mixup_alpha", "cutmix_alpha"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.hflip <= 1:
+            raise ConfigError("hflip", f"must be in [0, 1], got {self.hflip}")
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError("crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
         if not 0 < self.eval_crop_pct <= 1:
@@ -100,6 +103,9 @@ class TrainConfig:
     label_smoothing: float = option(0.1, "label smoothing")
     ema_decay: float = option(0.0, "EMA decay of the weights (0 disables EMA)")
     eval_every: int = option(0, "evaluate every N steps (0: only at the end)")
+    max_nonfinite_steps: int = option(
+        10, "stop after this many steps in a row with a non-finite loss or gradient norm"
+    )
     compile: bool = option(False, "torch.compile the model")
 
     def validate(self) -> None:
@@ -116,6 +122,10 @@ class TrainConfig:
             raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(
+                "max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}"
+            )
         if self.eval_every < 0:
             raise ConfigError("eval_every", f"must be >= 0, got {self.eval_every}")
 

@@ -538,6 +538,7 @@ def build_train_loader(cfg: DataConfig, image_size: int, plan: BatchPlan, seed: 
         cfg.crop_scale_min,
         cfg.randaugment_n,
         cfg.randaugment_m,
+        hflip=cfg.hflip,
         interpolation=cfg.train_interpolation,
     )
     return TrainLoader(

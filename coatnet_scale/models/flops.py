@@ -96,3 +96,54 @@ def total_macs(cfg: ModelConfig) -> int:
 def training_flops_per_image(cfg: ModelConfig) -> int:
     """FLOPs of one training step per image: forward + backward = 3 forwards, 2 FLOPs per MAC."""
     return 6 * total_macs(cfg)
+
+
+def activation_bytes_per_image(
+    cfg: ModelConfig, bytes_per_element: int, checkpointed: tuple[str, ...] = ()
+) -> dict[str, int]:
+    """Rough activation memory kept for the backward pass, per image: per stage, plus
+    "recompute", the working set of the largest checkpointed block while it is recomputed.
+
+    Counts the tensors autograd saves per block (MBConv: the input and about 7 hidden-width maps
+    plus 2 output-width ones; Transformer: the input, q/k/v and projections, the attention
+    logits and probabilities, the FFN's two 4D-wide maps). A checkpointed stage keeps only its
+    blocks' inputs. An estimate to compare configurations, not a measurement (issue 7 calibrates
+    it against measured peaks).
+    """
+    arch = cfg.arch()
+    side = cfg.image_size // 2
+    stem_block = cfg.in_chans * (2 * side) ** 2 + 3 * arch.stem_width * side * side
+    blocks: dict[str, list[tuple[int, int]]] = {
+        "stem": [(cfg.in_chans * (2 * side) ** 2, stem_block)]
+    }
+    dim = arch.stem_width
+    for name, segments in zip(STAGE_NAMES[1:], arch.stages, strict=True):
+        blocks[name] = []
+        for seg_index, seg in enumerate(segments):
+            for i in range(seg.depth):
+                side_out = side // 2 if seg_index == 0 and i == 0 else side
+                pixels = side_out * side_out
+                block_input = dim * side * side
+                if seg.block == "mbconv":
+                    hidden = MBCONV_EXPANSION * seg.width
+                    saved = block_input + 7 * hidden * pixels + 2 * seg.width * pixels
+                else:
+                    heads = seg.width // arch.head_dim
+                    saved = (
+                        block_input
+                        + 6 * seg.width * pixels
+                        + 2 * heads * pixels * pixels
+                        + 2 * FFN_EXPANSION * seg.width * pixels
+                    )
+                blocks[name].append((block_input, saved))
+                side, dim = side_out, seg.width
+    out = {}
+    recompute = 0
+    for name, items in blocks.items():
+        if name in checkpointed:
+            out[name] = sum(block_input for block_input, _ in items)
+            recompute = max(recompute, max(saved for _, saved in items))
+        else:
+            out[name] = sum(saved for _, saved in items)
+    out["recompute"] = recompute
+    return {k: v * bytes_per_element for k, v in out.items()}

@@ -1,0 +1,113 @@
+"""The one place that reads rank and world size from the environment.
+
+Launchers and what they set:
+- `deepspeed` (and `torchrun`, `accelerate launch`): RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+  MASTER_ADDR, MASTER_PORT. The deepspeed launcher also passes `--local_rank=N` on the command
+  line, which the CLI accepts and ignores (shared/ON_THIS_MACHINE.md).
+- `srun` (one task per GPU): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_NTASKS_PER_NODE /
+  SLURM_TASKS_PER_NODE, SLURM_JOB_NODELIST, SLURM_JOB_ID. DeepSpeed's `init_distributed` does not
+  read these (it falls back to MPI discovery, PRIOR_ART.md section 5), so they are mapped here, as
+  open_clip's and timm's `world_info_from_env` do. The master is the first host of the allocation
+  and the port is derived from the job id, so every task computes the same address alone.
+- nothing: a single process (rank 0 of 1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torch" (deepspeed/torchrun/accelerate), "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank // max(1, self.local_world_size)
+
+    def export(self) -> dict[str, str]:
+        """The torch-style variables `torch.distributed`'s env:// initialisation reads."""
+        return {
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list (`n[1-3,7],gpu5` -> `n1`), without calling scontrol when
+    the list can be read directly; scontrol is the fallback for unusual forms."""
+    match = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if match:
+        prefix, _, ranges = match.groups()
+        if ranges is None:
+            return prefix
+        first = ranges.split(",")[0].split("-")[0]
+        return f"{prefix}{first}"
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()[0]
+
+
+def slurm_port(job_id: str) -> int:
+    """A port in 15000..24999 from the job id: stable across the tasks of a job, different for
+    jobs sharing a node."""
+    digits = re.sub(r"\D", "", job_id) or "0"
+    return 15000 + int(digits[-4:]) % 10000
+
+
+def _slurm_tasks_per_node(env: Mapping[str, str], world_size: int) -> int:
+    for key in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        value = env.get(key)
+        if value:
+            return int(re.match(r"\d+", value).group())
+    return world_size
+
+
+def dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables (os.environ by default)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return DistEnv(
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=world,
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torch",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = int(env["SLURM_NTASKS"])
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            world_size=world,
+            local_world_size=_slurm_tasks_per_node(env, world),
+            master_addr=env.get("MASTER_ADDR")
+            or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"))),
+            launcher="slurm",
+        )
+    return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")

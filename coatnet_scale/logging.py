@@ -1,0 +1,134 @@
+"""Run logging: a JSONL metrics file (always), wandb (online / offline / disabled), and a console
+progress bar with ETA on rank 0. Other ranks write nothing.
+
+wandb: `auto` is online when an API key is configured and the wandb host answers, offline
+otherwise. The run id is kept in RUN_DIR/wandb_run_id, so a resumed run continues the same wandb
+run (`resume="allow"`); every record carries an explicit, increasing `step` so resumed segments do
+not overlap (shared/ON_THIS_MACHINE.md; PRIOR_ART.md P5).
+
+Secrets: values of environment variables whose names look secret (KEY, TOKEN, SECRET, PASSWORD)
+are redacted from every string this module writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from coatnet_scale.config import LoggingConfig
+
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+WANDB_HOST = ("api.wandb.ai", 443)
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    env = os.environ if env is None else env
+    return sorted(
+        (v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 8), key=len, reverse=True
+    )
+
+
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """`text` with every secret value from the environment replaced by ***."""
+    for value in secret_values() if secrets is None else secrets:
+        text = text.replace(value, "***")
+    return text
+
+
+def resolve_wandb_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
+    """online / offline / disabled; `auto` means online only with a key and a reachable host."""
+    if mode != "auto":
+        return mode
+    env = os.environ if env is None else env
+    has_key = bool(env.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
+    if not has_key or env.get("WANDB_MODE") == "offline":
+        return "offline"
+    try:
+        socket.create_connection(WANDB_HOST, timeout=2).close()
+    except OSError:
+        return "offline"
+    return "online"
+
+
+class RunLogger:
+    """Metrics sink of one rank (a no-op everywhere but rank 0)."""
+
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        run_dir: Path,
+        is_main: bool,
+        config: dict[str, Any],
+        total_steps: int,
+        start_step: int = 0,
+    ) -> None:
+        self.cfg, self.run_dir, self.is_main = cfg, run_dir, is_main
+        self.secrets = secret_values()
+        self.wandb_run = None
+        self.progress = None
+        if not is_main:
+            return
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.mode = resolve_wandb_mode(cfg.wandb_mode)
+        if self.mode != "disabled":
+            self.wandb_run = self._init_wandb(config)
+        self.progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _init_wandb(self, config: dict[str, Any]):
+        import wandb
+
+        id_file = self.run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        return wandb.init(
+            project=self.cfg.wandb_project,
+            entity=self.cfg.wandb_entity,
+            id=run_id,
+            resume="allow",
+            mode=self.mode,
+            dir=str(self.run_dir),
+            config=json.loads(redact(json.dumps(config), self.secrets)),
+        )
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """One record: appended to metrics.jsonl, sent to wandb, shown on the progress bar."""
+        if not self.is_main:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        line = redact(json.dumps(record), self.secrets)
+        with open(self.metrics_path, "a") as f:
+            f.write(line + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(metrics), step=step)
+        if self.progress is not None:
+            shown = {k: metrics[k] for k in ("loss", "lr", "img_per_s", "val_top1") if k in metrics}
+            self.progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.update(steps)
+
+    def message(self, text: str) -> None:
+        if self.is_main:
+            (self.progress.write if self.progress is not None else print)(
+                redact(text, self.secrets)
+            )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,171 @@
+"""Single-process parts of training: rank discovery, schedule, groups, losses, DeepSpeed config,
+logging, plots, dry-run plan."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from coatnet_scale.config import load_config
+from coatnet_scale.distributed.env import dist_env, first_slurm_host, slurm_port
+from coatnet_scale.logging import RunLogger, redact, resolve_wandb_mode
+from coatnet_scale.losses import classification_loss, smooth_targets
+from coatnet_scale.models import ModelConfig, build_model
+from coatnet_scale.optim import lr_at, param_groups
+from coatnet_scale.plots import plot_run
+
+
+def test_rank_discovery_for_each_launcher() -> None:
+    torch_env = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "n5",
+        "MASTER_PORT": "1234",
+    }
+    e = dist_env(torch_env)
+    assert (e.rank, e.local_rank, e.world_size, e.node_rank, e.launcher) == (3, 1, 8, 1, "torch")
+    slurm = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "8",
+        "SLURM_TASKS_PER_NODE": "4(x2)",
+        "SLURM_JOB_NODELIST": "gpu[12-13]",
+        "SLURM_JOB_ID": "987654",
+    }
+    e = dist_env(slurm)
+    assert (e.rank, e.local_rank, e.world_size, e.local_world_size) == (5, 1, 8, 4)
+    assert e.master_addr == "gpu12" and e.master_port == slurm_port("987654")
+    assert e.export()["RANK"] == "5" and e.launcher == "slurm"
+    assert dist_env({}).world_size == 1
+    assert first_slurm_host("n1,n2") == "n1" and first_slurm_host("a[3,5-7]") == "a3"
+
+
+def test_schedule_warms_up_then_decays_to_the_floor() -> None:
+    cfg = load_config(
+        overrides=["schedule.warmup_steps=10", "train.total_steps=110", "schedule.min_lr=1e-5"]
+    )
+    lrs = [lr_at(s, 1e-3, cfg.schedule, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[60] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert lr_at(110, 1e-3, cfg.schedule, 110) == pytest.approx(1e-5)
+    linear = load_config(
+        overrides=[
+            "schedule.decay=linear",
+            "schedule.warmup_steps=0",
+            "schedule.min_lr=0",
+            "train.total_steps=100",
+        ]
+    ).schedule
+    assert lr_at(50, 1.0, linear, 100) == pytest.approx(0.5)
+
+
+def test_param_groups_follow_no_weight_decay() -> None:
+    model = build_model(ModelConfig(name="coatnet_debug", image_size=64), "meta")
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == model.no_weight_decay()
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_losses_softmax_sigmoid_soft_targets_and_valid_mask() -> None:
+    logits = torch.randn(4, 5)
+    labels = torch.tensor([0, 1, 2, 3])
+    ce = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert classification_loss(logits, labels, "softmax", 0.1) == pytest.approx(ce.item(), 1e-5)
+    targets = smooth_targets(labels, 5, 1e-4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+    assert classification_loss(logits, labels, "sigmoid", 1e-4) == pytest.approx(
+        bce.item() / 4, 1e-5
+    )
+    valid = torch.tensor([True, True, False, False])
+    masked = classification_loss(logits, labels, "softmax", 0.0, valid)
+    assert masked == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[:2], labels[:2]).item(), 1e-5
+    )
+    soft = torch.softmax(torch.randn(4, 5), dim=1)
+    assert torch.isfinite(classification_loss(logits, soft, "softmax", 0.1))
+
+
+def test_deepspeed_config_is_generated_from_the_tree() -> None:
+    from coatnet_scale.distributed.engine import to_deepspeed_config
+
+    cfg = load_config(
+        overrides=[
+            "train.global_batch_size=64",
+            "train.micro_batch_size=8",
+            "zero.stage=3",
+            "zero.offload_params=cpu",
+            "zero.offload_optimizer=cpu",
+            "precision.dtype=fp16",
+            "optim.grad_clip=0.5",
+        ]
+    )
+    ds = to_deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    with pytest.raises(ValueError, match="does not split into 3 ranks"):
+        to_deepspeed_config(cfg, world_size=3)
+
+
+def test_logger_writes_jsonl_keeps_wandb_id_and_hides_secrets(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "s3cr3t-value-123")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_wandb_mode("auto") == "offline"
+    cfg = load_config(overrides=["logging.wandb_mode=offline"]).logging
+    logger = RunLogger(cfg, tmp_path, True, {"note": "s3cr3t-value-123"}, total_steps=3)
+    logger.log(1, {"loss": 2.0, "note": "token s3cr3t-value-123"})
+    run_id = logger.wandb_run_id
+    logger.close()
+    again = RunLogger(cfg, tmp_path, True, {}, total_steps=3, start_step=1)
+    assert again.wandb_run_id == run_id  # a resumed run continues the same wandb run
+    again.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["loss"] == 2.0 and lines[0]["step"] == 1
+    everything = "".join(
+        p.read_text(errors="ignore")
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p.suffix in (".jsonl", ".yaml", ".json", ".txt", ".log", "")
+    )
+    assert "s3cr3t-value-123" not in everything
+    assert redact("a s3cr3t-value-123 b") == "a *** b"
+
+
+def test_plots_from_metrics(tmp_path: Path) -> None:
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 6):
+            f.write(
+                json.dumps({"step": step, "loss": 1 / step, "lr": 1e-3, "img_per_s": 10}) + "\n"
+            )
+        f.write(json.dumps({"step": 5, "val_top1": 0.5, "val_top5": 0.9}) + "\n")
+    paths = plot_run(tmp_path)
+    assert {p.name for p in paths} == {"loss.png", "lr.png", "accuracy.png", "throughput.png"}
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_dry_run_plans_coatnet7_without_allocating(capsys) -> None:
+    from launch.pretrain import main, model_state_bytes
+
+    main(["--model", "coatnet7", "--dry-run", "--world-size", "64", "zero.stage=3"])
+    out = capsys.readouterr().out
+    assert "coatnet7 at 224px" in out and "ZeRO-3" in out and '"stage": 3' in out
+    states = model_state_bytes(1_000_000, stage=2, world=4, dtype="bf16")
+    assert states["params"] == 2e6 and states["grads"] == 5e5 and states["optim"] == 3e6
+    assert math.isclose(sum(model_state_bytes(10**6, 3, 8, "bf16").values()), 16e6 / 8)
+
+
+def test_missing_training_data_is_a_clear_error(capsys) -> None:
+    from launch.pretrain import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--model", "coatnet_debug"])
+    assert info.value.code == 2
+    assert "data.train_shards" in capsys.readouterr().err
