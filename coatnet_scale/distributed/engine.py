@@ -89,14 +89,19 @@ def build_sharded_model(model_cfg: ModelConfig, zero_stage: int, ds_config: dict
         # tensors; the activations stay channels_last (the model converts its input), so the
         # convolutions still run in that layout.
         return model.to(memory_format=torch.contiguous_format)
+    # Construction under zero.Init runs PyTorch's default initialisers (they draw random numbers
+    # the meta-device build of ZeRO 0-2 does not); restore the generator afterwards so every
+    # stage starts from the same weights for the same seed.
+    rng_state = torch.random.get_rng_state()
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = CoAtNet(model_cfg)
-        # zero.Init partitions each module's parameters as it is built; initialise them one
-        # module at a time with its partition gathered.
-        for module in model.modules():
-            params = list(module.parameters(recurse=False))
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                init_module_(module)
+    torch.random.set_rng_state(rng_state)
+    # zero.Init partitioned each module's parameters as it was built; initialise them one module
+    # at a time with that module's partitions gathered (rank 0's values are kept).
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            init_module_(module)
     return model
 
 

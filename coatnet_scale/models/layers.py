@@ -45,6 +45,39 @@ def pool2x2_nhwc(x: torch.Tensor, pool: PoolType) -> torch.Tensor:
     return x.amax(dim=(2, 4)) if pool == "max" else x.mean(dim=(2, 4))
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that normalises in fp32 when the model runs in bf16/fp16.
+
+    DeepSpeed's bf16/fp16 modes cast the parameters but not the buffers, and the CPU kernel
+    refuses mixed dtypes; low-precision running statistics would also drift. So, as autocast does
+    for batch_norm, the statistics stay fp32 and the normalisation runs in fp32; the output has
+    the input's dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return super().forward(x)
+        if self.running_mean is not None and self.running_mean.dtype != torch.float32:
+            self.running_mean.data = self.running_mean.float()
+            self.running_var.data = self.running_var.float()
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum
+        if momentum is None:  # cumulative average, as nn.BatchNorm2d
+            momentum = 1.0 / max(1.0, float(self.num_batches_tracked))
+        y = F.batch_norm(
+            x.float(),
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight.float(),
+            self.bias.float(),
+            self.training or not self.track_running_stats,
+            momentum,
+            self.eps,
+        )
+        return y.to(x.dtype)
+
+
 def residual_add(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     """branch + shortcut, written into `branch` when that is safe.
 
@@ -70,7 +103,7 @@ class Stem(nn.Module):
     def __init__(self, in_chans: int, width: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False)
-        self.norm1 = nn.BatchNorm2d(width, eps=BN_EPS)
+        self.norm1 = BatchNorm2d(width, eps=BN_EPS)
         self.act1 = nn.GELU()
         self.conv2 = nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False)
 
@@ -105,15 +138,15 @@ class MBConvBlock(nn.Module):
         self.stride = stride
         self.pool = pool
         self.shortcut = nn.Conv2d(dim_in, dim_out, 1, bias=True) if dim_in != dim_out else None
-        self.norm = nn.BatchNorm2d(dim_in, eps=BN_EPS)
+        self.norm = BatchNorm2d(dim_in, eps=BN_EPS)
         expand_stride = stride if stride_on == "expand1x1" else 1
         dw_stride = stride if stride_on == "dwconv" else 1
         self.conv_expand = nn.Conv2d(dim_in, hidden, 1, stride=expand_stride, bias=False)
-        self.norm_expand = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self.norm_expand = BatchNorm2d(hidden, eps=BN_EPS)
         self.conv_dw = nn.Conv2d(
             hidden, hidden, 3, stride=dw_stride, padding=1, groups=hidden, bias=False
         )
-        self.norm_dw = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self.norm_dw = BatchNorm2d(hidden, eps=BN_EPS)
         self.act = nn.GELU()
         self.se = SEModule(hidden, rd_channels=int(SE_RATIO * dim_out), act_layer=nn.SiLU)
         self.conv_proj = nn.Conv2d(hidden, dim_out, 1, bias=True)

@@ -1,0 +1,101 @@
+"""Training scenarios run inside one 2-rank job (`deepspeed --num_gpus 2 scenarios.py OUT NAMES`),
+so the process start-up is paid once. Each scenario is a short train() of the debug model on the
+demo-like shards; the losses per step go to OUT/NAME.json for the pytest side to compare."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+import torch.distributed as dist
+
+import coatnet_scale.train as training
+from coatnet_scale.cli import config_parser, parse_config_args
+
+STEPS = 4
+SCENARIOS = {
+    "zero0": ["zero.stage=0"],
+    "zero1": ["zero.stage=1"],
+    "zero2": ["zero.stage=2"],
+    "zero3": ["zero.stage=3"],
+    "ga1x8": ["zero.stage=2", "train.micro_batch_size=4"],
+    "ga2x4": ["zero.stage=2", "train.micro_batch_size=2"],
+    "ckpt_on": ["zero.stage=2", "activation_checkpointing.policy=all"],
+    "ckpt_off": ["zero.stage=2"],
+    "bf16": ["zero.stage=2", "precision.dtype=bf16"],
+    "nan": ["zero.stage=2", "train.max_nonfinite_steps=3"],
+}
+
+
+def inject_nan_on_rank1_at_step(step_to_poison: int) -> None:
+    """Make rank 1's loss NaN at one step: the guard must skip that step on both ranks."""
+    original = training.classification_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        calls["n"] += 1
+        if dist.get_rank() == 1 and calls["n"] == step_to_poison:
+            return loss * float("nan")
+        return loss
+
+    training.classification_loss = poisoned
+
+
+def freeze_batchnorm_statistics() -> None:
+    """BatchNorm in eval mode during training: each micro-batch then sees the same normalisation,
+    so accumulating 2 micro-batches must equal one micro-batch of twice the size."""
+    original = training.build_engine
+
+    def build(model, cfg, ds_config):
+        engine = original(model, cfg, ds_config)
+        for module in engine.module.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+        return engine
+
+    training.build_engine = build
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's flag
+    out, names, data = Path(args[0]), args[1].split(","), args[2]
+    originals = (training.build_engine, training.classification_loss)
+    for name in names:
+        training.build_engine, training.classification_loss = originals  # undo earlier patches
+        overrides = [
+            f"data.train_shards={data}/train.json",
+            f"data.val_shards={data}/val.json",
+            "data.num_workers=0",
+            "model.image_size=32",
+            "model.num_classes=3",
+            f"train.total_steps={STEPS}",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=4",
+            "schedule.warmup_steps=1",
+            "logging.log_every=1",
+            "logging.wandb_mode=disabled",
+            "precision.dtype=fp32",
+            f"train.run_dir={out}/{name}",
+            *SCENARIOS[name],
+        ]
+        cfg, _ = parse_config_args(["--model", "coatnet_debug", *overrides], config_parser("t"))
+        if name == "nan":
+            inject_nan_on_rank1_at_step(2)
+        if name.startswith("ga"):
+            freeze_batchnorm_statistics()
+        final = training.train(cfg)
+        if dist.get_rank() == 0:
+            metrics = [
+                json.loads(x) for x in (out / name / "metrics.jsonl").read_text().split("\n") if x
+            ]
+            losses = [m["loss"] for m in metrics if "loss" in m]
+            (out / f"{name}.json").write_text(json.dumps({"losses": losses, "final": final}))
+
+
+if __name__ == "__main__":
+    main()
