@@ -86,7 +86,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     env = dist_env()
     if args.dry_run:
         if env.is_main:
-            print(plan_text(cfg, args.world_size or env.world_size))
+            try:
+                print(plan_text(cfg, args.world_size or env.world_size))
+            except ValueError as err:
+                print(f"config error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
         return None
     if not cfg.data.train_shards:
         print(

@@ -20,7 +20,7 @@ import torch
 from coatnet_scale.config import Config
 from coatnet_scale.models import CoAtNet, ModelConfig, build_model
 from coatnet_scale.models.layers import init_module_
-from coatnet_scale.optim import build_optimizer
+from coatnet_scale.optim import build_optimizer, param_groups
 
 STEPS_PER_PRINT = 10**9  # we log ourselves; silence DeepSpeed's own step printing
 
@@ -115,7 +115,20 @@ def apply_activation_checkpointing(model: CoAtNet, stages: tuple[str, ...]) -> N
 def build_engine(model: CoAtNet, cfg: Config, ds_config: dict):
     """Wrap the model: checkpointing policy, optional compile, then deepspeed.initialize."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing.checkpointed_stages())
-    optimizer = build_optimizer(model, cfg.optim)
+    if cfg.zero.offload_optimizer == "cpu":
+        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam (AdamW
+        # mode), since it refuses a torch optimizer there (ZeRORuntimeException).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(
+            param_groups(model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+            eps=cfg.optim.eps,
+            adamw_mode=True,
+        )
+    else:
+        optimizer = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.train.compile:
         engine.compile()

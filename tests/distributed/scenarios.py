@@ -28,6 +28,11 @@ SCENARIOS = {
     "ckpt_off": ["zero.stage=2"],
     "bf16": ["zero.stage=2", "precision.dtype=bf16"],
     "nan": ["zero.stage=2", "train.max_nonfinite_steps=3"],
+    "fp16": ["zero.stage=2", "precision.dtype=fp16"],
+    "offload": ["zero.stage=2", "zero.offload_optimizer=cpu"],
+    "offload3": ["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"],
+    "ema": ["zero.stage=1", "train.ema_decay=0.9"],
+    "compile": ["zero.stage=2", "train.compile=true"],
 }
 
 

@@ -33,18 +33,10 @@ def results(tmp_path_factory) -> Path:
     for manifest in (train, val):
         for f in manifest.parent.iterdir():
             shutil.copy(f, data / f.name)
-    names = [
-        "zero0",
-        "zero1",
-        "zero2",
-        "zero3",
-        "ga1x8",
-        "ga2x4",
-        "ckpt_on",
-        "ckpt_off",
-        "bf16",
-        "nan",
-    ]
+    names = (
+        "zero0 zero1 zero2 zero3 ga1x8 ga2x4 ckpt_on ckpt_off bf16 nan offload offload3 ema compile"
+    )
+    names = names.split()
     proc = launch(
         [
             str(BIN / "deepspeed"),
@@ -69,6 +61,17 @@ def test_zero_stages_give_the_same_losses(results: Path) -> None:
     assert len(reference) == 4
     for stage in ("zero1", "zero2", "zero3"):
         assert losses(results, stage) == pytest.approx(reference, rel=1e-4), stage
+
+
+def test_cpu_offload_and_compile_give_the_same_losses(results: Path) -> None:
+    reference = losses(results, "zero0")
+    for name in ("offload", "offload3", "compile"):  # ZeRO-2 / ZeRO-3 offload, torch.compile
+        assert losses(results, name) == pytest.approx(reference, rel=1e-4), name
+
+
+def test_ema_weights_are_evaluated(results: Path) -> None:
+    final = json.loads((results / "ema.json").read_text())["final"]
+    assert 0.0 <= final["val_ema_top1"] <= 1.0 and final["val_ema_samples"] == 9
 
 
 def test_gradient_accumulation_matches_a_bigger_micro_batch(results: Path) -> None:

@@ -169,3 +169,22 @@ def test_missing_training_data_is_a_clear_error(capsys) -> None:
         main(["--model", "coatnet_debug"])
     assert info.value.code == 2
     assert "data.train_shards" in capsys.readouterr().err
+
+
+def test_weight_ema_tracks_and_swaps() -> None:
+    from coatnet_scale.train import WeightEma, check_ema_supported
+
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEma(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["weight"], start + 1.0)
+    ema.swap(model)
+    torch.testing.assert_close(model.weight.detach(), start + 1.0)
+    ema.swap(model)
+    torch.testing.assert_close(model.weight.detach(), start + 2.0)
+    check_ema_supported(load_config(overrides=["train.ema_decay=0.9999", "zero.stage=2"]))
+    with pytest.raises(ValueError, match="zero.stage <= 2"):
+        check_ema_supported(load_config(overrides=["train.ema_decay=0.9999", "zero.stage=3"]))
