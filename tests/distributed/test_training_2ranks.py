@@ -96,15 +96,33 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_all(results: Path) -> None:
     assert math.isfinite(run["final"]["val_top1"])
 
 
-def test_torchrun_launch_trains(tmp_path: Path) -> None:
+LAUNCHERS = {
+    "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", "29631"],
+    "accelerate": [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29632",
+    ],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_other_launchers_train(tmp_path: Path, launcher: str) -> None:
     manifest = shard_set(tmp_path, [10, 6])
+    command = [str(BIN / LAUNCHERS[launcher][0]), *LAUNCHERS[launcher][1:]]
     proc = launch(
         [
-            str(BIN / "torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29631",
+            *command,
             "launch/pretrain.py",
             "--model",
             "coatnet_debug",
