@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,18 +31,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from coatnet_scale.models import ModelConfig, build_model
-
-RESULTS = Path(__file__).resolve().parent / "results.json"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def forward_macs(model: torch.nn.Module, image_size: int) -> int:
