@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from bench.model_step import RESULTS, cpu_name
+from bench.common import cpu_name, record_result
 from coatnet_scale.data.pipeline import BatchPlan, TrainLoader
 from coatnet_scale.data.shards import load_manifest
 from coatnet_scale.data.transforms import TrainAugment
@@ -139,9 +138,7 @@ def main() -> None:
             f"{workers} worker(s): ours {ours:7.1f}/s, torchvision {tv:7.1f}/s -> "
             f"{vs_tv:.2f}x torchvision, {vs_bare:.2f}x bare decode"
         )
-    existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    existing["data_pipeline"] = record
-    RESULTS.write_text(json.dumps(existing, indent=2) + "\n")
+    record_result("data_pipeline", record)
 
 
 if __name__ == "__main__":

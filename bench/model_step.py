@@ -17,7 +17,6 @@ and merges them into bench/results.json under "model_step".
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.common import cpu_name, record_result
 from coatnet_scale.models import ModelConfig, build_model
 
 
@@ -126,9 +126,7 @@ def main() -> None:
             f"{ratios['train']:>7.2f}{row['infer']:>9.3f}{ratios['infer']:>7.2f}"
         )
 
-    existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    existing["model_step"] = result
-    RESULTS.write_text(json.dumps(existing, indent=2) + "\n")
+    record_result("model_step", result)
 
 
 if __name__ == "__main__":
