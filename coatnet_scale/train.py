@@ -128,6 +128,30 @@ def evaluate(engine, loader, device: torch.device, dtype: torch.dtype) -> dict[s
     }
 
 
+def save(
+    engine,
+    run_dir: Path,
+    step: int,
+    data_state: dict,
+    cfg: Config,
+    wandb_run_id: str | None,
+) -> None:
+    """DeepSpeed's sharded save with our client state (data position, config hash, wandb id).
+
+    Cadence only: the crash-safe commit, validation and retention are issue 5's checkpoint.py.
+    """
+    engine.save_checkpoint(
+        str(run_dir / "checkpoints"),
+        tag=f"step{step}",
+        client_state={
+            "data": data_state,
+            "config_hash": config_hash(cfg),
+            "wandb_run_id": wandb_run_id,
+            "step": step,
+        },
+    )
+
+
 def train(cfg: Config) -> dict[str, float]:
     """Run (or continue) the pretraining described by `cfg`; returns the final metrics."""
     # ---- context ---------------------------------------------------------------------------
@@ -186,6 +210,7 @@ def train(cfg: Config) -> dict[str, float]:
     skipped_in_a_row, skipped_total = 0, 0
     final: dict[str, float] = {}
     window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+    last_save = time.monotonic()
     for step in range(cfg.train.total_steps):
         lr = lr_at(step, cfg.optim.lr, cfg.schedule, cfg.train.total_steps)
         set_lr(engine.optimizer, lr)
@@ -277,16 +302,15 @@ def train(cfg: Config) -> dict[str, float]:
             logger.message(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             final.update(result)
 
-    # ---- end: save the weights (the crash-safe checkpoint protocol is issue 5's) ----------
-    engine.save_checkpoint(
-        str(run_dir / "checkpoints"),
-        tag=f"step{cfg.train.total_steps}",
-        client_state={
-            "data": train_loader.state_dict(),
-            "config_hash": config_hash(cfg),
-            "wandb_run_id": logger.wandb_run_id,
-        },
-    )
+        minutes = (time.monotonic() - last_save) / 60
+        due = (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or (
+            cfg.checkpoint.every_minutes and minutes >= cfg.checkpoint.every_minutes
+        )
+        # Ranks' clocks differ: they agree (one tiny all-reduce) so that all of them save.
+        if last or not all_true(not due, device):
+            save(engine, run_dir, done, train_loader.state_dict(), cfg, logger.wandb_run_id)
+            last_save = time.monotonic()
+
     logger.close()
     dist.barrier()
     return final

@@ -20,7 +20,7 @@ STEPS = 4
 SCENARIOS = {
     "zero0": ["zero.stage=0"],
     "zero1": ["zero.stage=1"],
-    "zero2": ["zero.stage=2"],
+    "zero2": ["zero.stage=2", "checkpoint.every_steps=2"],
     "zero3": ["zero.stage=3"],
     "ga1x8": ["zero.stage=2", "train.micro_batch_size=4"],
     "ga2x4": ["zero.stage=2", "train.micro_batch_size=2"],

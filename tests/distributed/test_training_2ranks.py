@@ -74,6 +74,11 @@ def test_ema_weights_are_evaluated(results: Path) -> None:
     assert 0.0 <= final["val_ema_top1"] <= 1.0 and final["val_ema_samples"] == 9
 
 
+def test_checkpoints_are_saved_at_the_step_cadence(results: Path) -> None:
+    saved = sorted(p.name for p in (results / "zero2" / "checkpoints").glob("step*"))
+    assert saved == ["step2", "step4"]
+
+
 def test_gradient_accumulation_matches_a_bigger_micro_batch(results: Path) -> None:
     # BatchNorm statistics are frozen in these two runs (scenarios.py): with batch statistics,
     # 2 micro-batches of 2 normalise differently from one of 4 and the runs drift apart (~6%).
