@@ -36,7 +36,7 @@ def model_state_bytes(params: int, stage: int, world: int, dtype: str) -> dict[s
 def plan_text(cfg: Config, world: int) -> str:
     """The dry-run report: nothing is allocated (the model is built on the meta device)."""
     from coatnet_scale.distributed.engine import to_deepspeed_config
-    from coatnet_scale.models import build_model
+    from coatnet_scale.models import STAGE_NAMES, build_model
     from coatnet_scale.models.flops import activation_bytes_per_image, stage_macs
 
     model = build_model(cfg.model, "meta")
@@ -54,14 +54,11 @@ def plan_text(cfg: Config, world: int) -> str:
         + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in states.items())
         + f" = {sum(states.values()) / gib:.2f} GiB",
     ]
-    for label, stages in (
-        ("no checkpointing", ()),
-        (
-            "policy " + cfg.activation_checkpointing.policy,
-            cfg.activation_checkpointing.checkpointed_stages(),
-        ),
-        ("all blocks checkpointed", ("stem", "s1", "s2", "s3", "s4")),
-    ):
+    policies = [("no checkpointing", ()), ("all blocks checkpointed", STAGE_NAMES)]
+    if cfg.activation_checkpointing.policy == "stages":
+        chosen = cfg.activation_checkpointing.stages
+        policies.insert(1, (f"stages {', '.join(chosen)} checkpointed", chosen))
+    for label, stages in policies:
         act = activation_bytes_per_image(cfg.model, element, stages)
         lines.append(
             f"activations, {label}: {sum(act.values()) * micro / gib:.2f} GiB per rank "

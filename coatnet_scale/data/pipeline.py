@@ -256,9 +256,14 @@ class _RateLimitedWarning:
 
 
 def _assemble(
-    items: list[tuple[str, torch.Tensor, int] | None], slots: Sequence[int], image_size: int
+    items: list[tuple[str, torch.Tensor, int] | None],
+    slots: Sequence[int],
+    image_size: int,
+    padding: int = 0,
 ) -> dict:
-    """Stack decoded samples; bad ones (None) become copies of a good one with valid=False."""
+    """Stack decoded samples; bad ones (None) become copies of a good one with valid=False.
+
+    `padding` trailing rows are fillers, not bad samples (evaluation's last batches)."""
     good = next((item for item in items if item is not None), None)
     filler = good or ("", torch.zeros(3, image_size, image_size, dtype=torch.uint8), 0)
     valid = torch.tensor([item is not None for item in items])
@@ -269,7 +274,7 @@ def _assemble(
         "key": [item[0] if item is not None else "" for item in items],
         "slot": torch.tensor(list(slots), dtype=torch.long),
         "valid": valid,
-        "bad": int((~valid).sum()),
+        "bad": int((~valid).sum()) - padding,
     }
 
 
@@ -490,11 +495,8 @@ class EvalStream(IterableDataset):
             start = self.first + b * self.micro_batch
             slots = range(start, start + self.micro_batch)
             items = [self._sample(reader, i, warn) if i < self.last else None for i in slots]
-            batch = _assemble(items, slots, self.image_size)
-            batch["bad"] = sum(
-                1 for i, it in zip(slots, items, strict=True) if it is None and i < self.last
-            )
-            yield batch
+            padding = sum(1 for i in slots if i >= self.last)
+            yield _assemble(items, slots, self.image_size, padding)
 
     def _sample(self, reader, index, warn):
         try:

@@ -21,7 +21,7 @@ import os
 import tarfile
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
@@ -48,7 +48,6 @@ class Manifest:
     shards: tuple[ShardInfo, ...]
     classes: tuple[str, ...] = ()
     source: str = ""  # the manifest path or shard pattern it came from
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def total_samples(self) -> int:
@@ -135,10 +134,7 @@ def load_manifest(path: str | Path) -> Manifest:
         )
         for e in body["shardlist"]
     )
-    extra = {k: v for k, v in body.items() if k not in ("shardlist", "classes", "name")}
-    return Manifest(
-        body.get("name", path.stem), shards, tuple(body.get("classes", ())), str(path), extra
-    )
+    return Manifest(body.get("name", path.stem), shards, tuple(body.get("classes", ())), str(path))
 
 
 def resolve_shards(spec: str) -> Manifest:

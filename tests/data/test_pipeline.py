@@ -186,6 +186,7 @@ def test_eval_covers_every_sample_once_with_equal_batches(uneven) -> None:
         for b in batches:
             seen.extend(k for k, v in zip(b["key"], b["valid"].tolist(), strict=True) if v)
             assert b["image"].shape == (3, 3, 16, 16)
+            assert b["bad"] == 0  # padding rows are not bad samples
     assert len(set(counts)) == 1
     assert sorted(seen) == sorted(f"train{i:06d}" for i in range(30))
 
