@@ -240,7 +240,19 @@ class CheckpointConfig:
     keep_every: int = option(
         0, "also keep every checkpoint whose step is a multiple of N (0: none)"
     )
-    resume: str = option("auto", "auto (newest valid in run_dir), none, or a checkpoint path")
+    resume: str = option(
+        "auto", "auto (newest valid in run_dir, else fresh), none, or a checkpoint / run path"
+    )
+    verify_checksums: bool = option(
+        True, "check every file's SHA-256 before resuming (sizes are always checked)"
+    )
+    init_from: str | None = option(
+        None,
+        "fine-tuning: start from these weights (export folder, weights file, checkpoint or run "
+        "folder); rel-pos tables are resized, a head of another class count replaced; ignored "
+        "when the run resumes",
+    )
+    init_ema: bool = option(False, "with init_from a training checkpoint: take its EMA weights")
 
     def validate(self) -> None:
         if self.every_steps < 0 or self.every_minutes < 0:

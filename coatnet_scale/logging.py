@@ -59,6 +59,30 @@ def resolve_wandb_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
     return "online"
 
 
+def rewind_metrics(path: Path, step: int) -> int:
+    """After a resume from `step`: move records of later steps (logged by the run that died after
+    its last checkpoint) from `path` to `<name>.rewound.jsonl`, so the metrics file holds one
+    record per step again. Nothing is deleted. Returns how many records moved."""
+    if not path.is_file():
+        return 0
+    text = path.read_text()
+    kept, moved = [], []
+    for line in text.splitlines():
+        try:
+            later = json.loads(line).get("step", 0) > step
+        except ValueError:
+            later = False  # a line cut by the kill: kept as it is
+        (moved if later else kept).append(line)
+    if moved:
+        with open(path.with_suffix(".rewound.jsonl"), "a") as f:
+            f.write("\n".join(moved) + "\n")
+    if moved or not text.endswith("\n"):  # also ends a line cut by the kill
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(moved)
+
+
 class RunLogger:
     """Metrics sink of one rank (a no-op everywhere but rank 0)."""
 
@@ -70,6 +94,7 @@ class RunLogger:
         config: dict[str, Any],
         total_steps: int,
         start_step: int = 0,
+        wandb_run_id: str | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.is_main = cfg, run_dir, is_main
         self.secrets = secret_values()
@@ -80,14 +105,16 @@ class RunLogger:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.mode = resolve_wandb_mode(cfg.wandb_mode)
         if self.mode != "disabled":
-            self.wandb_run = self._init_wandb(config)
+            self.wandb_run = self._init_wandb(config, wandb_run_id)
         self.progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def _init_wandb(self, config: dict[str, Any]):
+    def _init_wandb(self, config: dict[str, Any], run_id: str | None):
+        """The run id: the resumed checkpoint's, else the run folder's, else a new one."""
         import wandb
 
         id_file = self.run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        if run_id is None:
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         return wandb.init(
             project=self.cfg.wandb_project,

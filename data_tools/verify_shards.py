@@ -22,8 +22,8 @@ from coatnet_scale.data.shards import (
     ShardInfo,
     TarIndex,
     load_manifest,
-    sha256_file,
 )
+from coatnet_scale.files import sha256_file
 
 
 def verify_shard(

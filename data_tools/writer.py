@@ -17,7 +17,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from coatnet_scale.data.shards import ShardInfo, TarIndex, sha256_file
+from coatnet_scale.data.shards import ShardInfo, TarIndex
+from coatnet_scale.files import sha256_file
 
 
 @dataclass(frozen=True)

@@ -432,6 +432,7 @@ class TrainLoader:
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
             pin_memory=torch.cuda.is_available(),
+            generator=_own_generator(),
         )
         self.start = self.samples_consumed
         self.micro_batches_consumed = 0
@@ -518,7 +519,21 @@ def eval_loader(
     num_workers: int,
 ) -> DataLoader:
     stream = EvalStream(manifest, micro_batch, rank, world_size, image_size, crop_pct)
-    return DataLoader(stream, batch_size=None, num_workers=min(num_workers, len(stream)))
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=min(num_workers, len(stream)),
+        generator=_own_generator(),
+    )
+
+
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed from the global torch generator each time it is
+    iterated, unless given its own. Our samples are seeded per slot, so that draw only perturbs
+    the global stream that dropout and stochastic depth use; with a private generator, an eval
+    pass or a loader restarted after a resume leaves the training randomness untouched (bitwise
+    exact resume)."""
+    return torch.Generator().manual_seed(0)
 
 
 def load_sources(specs: Sequence[str]) -> list[Manifest]:

@@ -19,12 +19,13 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+
+from coatnet_scale.files import atomic_write_text
 
 MANIFEST_KIND = "wids-shard-index-v1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # members the pipeline and the verifier accept
@@ -61,30 +62,6 @@ class Manifest:
         """Identifies the sample order: shard names and counts (not their absolute location)."""
         text = json.dumps([(Path(s.path).name, s.nsamples) for s in self.shards])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file under a temporary name in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(

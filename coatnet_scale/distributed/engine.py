@@ -16,9 +16,10 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from coatnet_scale.config import Config
-from coatnet_scale.models import CoAtNet, ModelConfig, build_model
+from coatnet_scale.models import CoAtNet, ModelConfig, adapt_state_dict, build_model
 from coatnet_scale.models.layers import init_module_
 from coatnet_scale.optim import build_optimizer, param_groups
 
@@ -103,6 +104,36 @@ def build_sharded_model(model_cfg: ModelConfig, zero_stage: int, ds_config: dict
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             init_module_(module)
     return model
+
+
+def load_initial_weights(
+    model: CoAtNet, state: dict[str, torch.Tensor], zero_stage: int, source: str
+) -> list[str]:
+    """Fine-tuning start: copy `state` (adapted: rel-pos tables resized, a classifier of another
+    class count left out) into the model before the engine wraps it. Returns the names left at
+    their initial values.
+
+    Under ZeRO-3 the parameters are partitioned (their local shape is empty): the state is adapted
+    against a meta-device twin, then each module's partitions are gathered, filled by rank 0 and
+    re-partitioned (`GatheredParameters(modifier_rank=0)`); buffers are not partitioned.
+    """
+    if zero_stage < 3:
+        filtered, missing = adapt_state_dict(state, model, source)
+        model.load_state_dict(filtered, strict=False)
+        return missing
+    filtered, missing = adapt_state_dict(state, build_model(model.cfg, "meta"), source)
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        params = dict(module.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            if dist.get_rank() == 0:
+                for name, param in params.items():
+                    if prefix + name in filtered:
+                        param.data.copy_(filtered[prefix + name])
+        for name, buffer in module.named_buffers(recurse=False):
+            if prefix + name in filtered:
+                buffer.copy_(filtered[prefix + name])
+    return missing
 
 
 def apply_activation_checkpointing(model: CoAtNet, stages: tuple[str, ...]) -> None:

@@ -43,6 +43,7 @@ from coatnet_scale.models.layers import (
 
 STAGE_STRIDES = {"stem": 2, "s1": 4, "s2": 8, "s3": 16, "s4": 32}
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP and torch.compile wrappers
+EXPORT_WEIGHTS = "model.safetensors"  # the weights file of an export folder
 
 
 def _build_stage(
@@ -271,19 +272,23 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CoAtNet)
     return out
 
 
-def load_weights(model: CoAtNet, path: str | Path) -> list[str]:
-    """Load a safetensors or torch state dict made at any resolution or class count.
-
-    Returns the names of parameters left at their initial values (a replaced classifier); any other
-    mismatch is an error.
-    """
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors or torch state-dict file, or of an export folder."""
     path = Path(path)
+    if path.is_dir():
+        path = path / EXPORT_WEIGHTS
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def adapt_state_dict(
+    state: Mapping[str, torch.Tensor], model: CoAtNet, source: str = "the state dict"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`state` adapted to `model` (which may live on the meta device), and the names of tensors it
+    does not provide (a replaced classifier). Any other mismatch is an error naming the tensors."""
     filtered = checkpoint_filter_fn(state, model)
     own = model.state_dict()
     wrong_shape = [k for k, v in filtered.items() if k in own and own[k].shape != v.shape]
@@ -292,9 +297,19 @@ def load_weights(model: CoAtNet, path: str | Path) -> list[str]:
     not_head = [k for k in missing if not k.startswith("head.fc.")]
     if not_head or unexpected or wrong_shape:
         raise ValueError(
-            f"{path} does not fit {model.cfg.name}: {len(wrong_shape)} tensors of another shape "
+            f"{source} does not fit {model.cfg.name}: {len(wrong_shape)} tensors of another shape "
             f"{wrong_shape[:3]}, missing {not_head[:3]}, unexpected {unexpected[:3]}"
         )
+    return filtered, missing
+
+
+def load_weights(model: CoAtNet, path: str | Path) -> list[str]:
+    """Load weights made at any resolution or class count (a file or an export folder).
+
+    Returns the names of parameters left at their initial values (a replaced classifier); any other
+    mismatch is an error.
+    """
+    filtered, missing = adapt_state_dict(read_state_dict(path), model, str(path))
     model.load_state_dict(filtered, strict=False)
     return missing
 

@@ -1,0 +1,148 @@
+"""Checkpoint/resume scenarios run inside one multi-rank job (`deepspeed --num_gpus N
+resume_scenarios.py OUT DATA NAMES`), so the process start-up is paid once per world size.
+
+Each scenario trains the debug model with train(); a scenario may stop itself with a real stop
+signal (SIGUSR1 to rank 0 only: the ranks must agree) and may be followed by a resume in the same
+run folder. Every rank records the (slot, key) of every sample it consumed to
+OUT/NAME.rank{R}.slots.json; rank 0 writes the logged losses and final metrics to OUT/NAME.json,
+or the error message to OUT/NAME.error when train() raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch.distributed as dist
+
+import coatnet_scale.train as training
+from coatnet_scale.checkpoint import CheckpointError
+from coatnet_scale.cli import config_parser, parse_config_args
+from coatnet_scale.data.pipeline import TrainLoader
+
+STEPS = 6
+# Mixup, stochastic depth and EMA on: the exact-resume comparison covers every random stream.
+RANDOM = ["data.mixup_alpha=0.8", "model.drop_path_rate=0.2", "train.ema_decay=0.9"]
+# No run-level randomness that depends on the rank layout: runs on different world sizes see the
+# same micro-batches (micro-batch 2 everywhere), so their losses must agree.
+PLAIN = ["data.mixup_alpha=0.0", "model.drop_path_rate=0.0", "checkpoint.every_steps=3"]
+FINETUNE = [
+    *PLAIN,
+    "model.image_size=64",
+    "model.num_classes=5",
+    "optim.lr=1e-20",
+    "schedule.min_lr=0",
+]
+# name -> (run folder name, overrides, stop after this many steps or None)
+SCENARIOS: dict[str, tuple[str, list[str], int | None]] = {
+    "straight": ("straight", [*RANDOM, "checkpoint.every_steps=3"], None),
+    "stop": ("stop_resume", [*RANDOM, "logging.wandb_mode=offline"], 3),
+    "resume": ("stop_resume", [*RANDOM, "logging.wandb_mode=offline"], None),
+    "plain": ("plain", PLAIN, None),
+    "plain_z0": ("plain_z0", [*PLAIN, "zero.stage=0"], None),
+    "plain_z1": ("plain_z1", [*PLAIN, "zero.stage=1"], None),
+    "plain_z3": ("plain_z3", [*PLAIN, "zero.stage=3"], None),
+    # Elastic resumes: pytest copies a 2-rank run folder cut back to its step-3 checkpoint.
+    "to1": ("to1", PLAIN, None),
+    "to1_z0": ("to1_z0", [*PLAIN, "zero.stage=0"], None),
+    "to1_z1": ("to1_z1", [*PLAIN, "zero.stage=1"], None),
+    "to1_z3": ("to1_z3", [*PLAIN, "zero.stage=3"], None),
+    "to4": ("to4", PLAIN, None),
+    "single": ("single", PLAIN, 3),
+    "to2": ("single_to2", PLAIN, None),
+    # A copy of `straight` whose newest checkpoint pytest damaged.
+    "damaged": ("damaged", [*RANDOM, "checkpoint.every_steps=3"], None),
+    # Resuming `plain` with another model must be refused.
+    "incompatible": ("incompatible", [*PLAIN, "model.num_classes=4"], None),
+    # Fine-tuning from an export of `plain` at another resolution and class count; the tiny LR
+    # keeps the parameters at their initial values for the test to inspect.
+    "finetune": ("finetune", [*FINETUNE], None),
+    "finetune_z3": ("finetune_z3", [*FINETUNE, "zero.stage=3"], None),
+}
+
+
+class RecordingLoader(TrainLoader):
+    """Records which samples this rank consumed, in order."""
+
+    record: list[tuple[int, str]]
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.record.extend(zip(batch["slot"].tolist(), batch["key"], strict=True))
+            yield batch
+
+
+def stop_after(steps: int | None):
+    """Send rank 0 (only) a real SIGUSR1 during step `steps`: all ranks must stop after it."""
+    original = training.lr_at
+
+    def lr_at(step, *args):
+        if steps is not None and step == steps - 1 and dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(step, *args)
+
+    return lr_at
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's flag
+    out, data, names = Path(args[0]), args[1], args[2].split(",")
+    originals = (training.build_train_loader, training.lr_at)
+    for name in names:
+        run, extra, stop = SCENARIOS[name]
+        record: list[tuple[int, str]] = []
+
+        def build(*a, record=record, **k):
+            loader = originals[0](*a, **k)
+            loader.__class__ = RecordingLoader
+            loader.record = record
+            return loader
+
+        training.build_train_loader, training.lr_at = build, stop_after(stop)
+        overrides = [
+            f"data.train_shards={data}/train.json",
+            f"data.val_shards={data}/val.json",
+            "data.num_workers=0",
+            "model.image_size=32",
+            "model.num_classes=3",
+            f"train.total_steps={STEPS}",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+            "schedule.warmup_steps=1",
+            "logging.log_every=1",
+            "logging.wandb_mode=disabled",
+            "precision.dtype=fp32",
+            "zero.stage=2",
+            "checkpoint.every_steps=0",
+            "checkpoint.every_minutes=0",
+            f"train.run_dir={out}/{run}",
+        ]
+        init = out / "export_plain"
+        if name.startswith("finetune"):
+            overrides.append(f"checkpoint.init_from={init}")
+        cfg, _ = parse_config_args(
+            ["--model", "coatnet_debug", *overrides, *extra], config_parser("t")
+        )
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        try:
+            final = training.train(cfg)
+        except CheckpointError as err:
+            if rank == 0:
+                (out / f"{name}.error").write_text(str(err))
+            continue
+        finally:
+            training.build_train_loader, training.lr_at = originals
+        (out / f"{name}.rank{dist.get_rank()}.slots.json").write_text(json.dumps(record))
+        if dist.get_rank() == 0:
+            lines = (out / run / "metrics.jsonl").read_text().splitlines()
+            losses = {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+            (out / f"{name}.json").write_text(json.dumps({"losses": losses, "final": final}))
+
+
+if __name__ == "__main__":
+    main()
