@@ -42,6 +42,7 @@ format: $(STAMP)
 bench: $(STAMP)  ## every benchmark in bench/, results in bench/results.json
 	$(PY) bench/model_step.py
 	$(PY) bench/data_pipeline.py
+	$(PY) bench/checkpoint_io.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,13 +10,16 @@ Adam moments, sharded), takes one step so the optimizer has state, then, `repeat
 - plain save: DeepSpeed's `engine.save_checkpoint` alone (no commit protocol);
 - our save: `checkpoint.save` (DeepSpeed's files + RNG + trainer state, checksums and fsync on
   every rank's share, manifest, atomic publish);
-- our load: verification with checksums on both ranks + `engine.load_checkpoint`.
+- our load: verification with checksums on both ranks (reading every file from the disk) +
+  `engine.load_checkpoint` (then reading from the page cache); `verify` is reported alone too.
+Before each read the files are evicted from the page cache (posix_fadvise DONTNEED after fsync),
+so the raw read and the load both read from the disk.
 Then the time to first step after a resume: a fresh engine, find + verify + load, one step.
 
 Reported (medians): save / raw write, load / raw read, our save / plain save (the cost of the
-commit protocol), and the time to first step. Reads come from the page cache for both the raw
-read and the load (dropping caches needs root and disturbs the machine), so the load ratio
-compares the same thing. Merged into bench/results.json under "checkpoint_io".
+commit protocol), and the time to first step (fresh engine, find + verify + load, one step; the
+process start-up and imports are not included). Merged into bench/results.json under
+"checkpoint_io".
 """
 
 from __future__ import annotations
@@ -47,6 +50,18 @@ def raw_write(path: Path, size: int) -> float:
         f.flush()
         os.fsync(f.fileno())
     return time.perf_counter() - start
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (they are fsynced, so clean), so reads come
+    from the disk: no root needed, unlike /proc/sys/vm/drop_caches."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def raw_read(path: Path) -> float:
@@ -110,12 +125,14 @@ def worker(out: Path, model_name: str, repeats: int) -> None:
     state = checkpoint.TrainerState.of(cfg, 1, {"samples_consumed": 4}, 0, None, world)
     quiet = lambda message: None  # noqa: E731
     rows: dict[str, list[float]] = {
-        k: [] for k in ("raw_write", "raw_read", "plain", "save", "load")
+        k: [] for k in ("raw_write", "raw_read", "plain", "save", "verify", "load")
     }
     ckpt = root / checkpoint.step_name(1)
 
-    def load() -> None:
+    def verify() -> None:
         assert checkpoint.verify_on_ranks(ckpt) == []
+
+    def load() -> None:
         checkpoint.load(engine, checkpoint.LoadPlan(root, ckpt.name, universal=False))
 
     for repeat in range(repeats):
@@ -129,8 +146,12 @@ def worker(out: Path, model_name: str, repeats: int) -> None:
         mine = total // world
         raw = out / f"raw{rank}.bin"
         rows["raw_write"].append(timed(lambda r=raw, n=mine: raw_write(r, n)))
+        evict([raw])
         rows["raw_read"].append(timed(lambda r=raw: raw_read(r)))
-        rows["load"].append(timed(load))
+        if rank == 0:
+            evict([ckpt / name for name in manifest["files"]])
+        rows["verify"].append(timed(verify))  # reads from the disk
+        rows["load"].append(rows["verify"][-1] + timed(load))  # then from the page cache
         dist.barrier()
         if rank == 0:
             shutil.rmtree(plain_root, ignore_errors=True)
@@ -170,7 +191,9 @@ def main() -> None:
 
     from bench.common import cpu_name, record_result
 
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as tmp:
+    runs = Path(__file__).resolve().parent.parent / "runs"  # the disk runs write to
+    runs.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=runs, prefix="bench-checkpoint-") as tmp:
         command = [
             str(Path(sys.executable).parent / "deepspeed"),
             "--num_gpus",
@@ -203,7 +226,7 @@ def main() -> None:
         "time_to_first_step_s": round(result["first_step"], 2),
     }
     print(f"{args.model}: {result['params']:,} parameters, checkpoint {mib:.0f} MiB over 2 ranks")
-    for key in ("raw_write", "plain", "save", "raw_read", "load"):
+    for key in ("raw_write", "plain", "save", "raw_read", "verify", "load"):
         print(f"  {key:10s} {med[key]:7.3f} s  ({mib / med[key]:7.0f} MiB/s)")
     print(
         f"save / raw write {record['save_vs_raw_write']}x, load / raw read "

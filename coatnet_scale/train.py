@@ -255,6 +255,11 @@ def train(cfg: Config) -> dict[str, float]:
     )
     for note in notes:
         logger.message(note)
+    if start_step >= cfg.train.total_steps:
+        logger.message(
+            f"the run is already complete (step {start_step} of train.total_steps="
+            f"{cfg.train.total_steps}); raise train.total_steps to continue it"
+        )
 
     def save(step: int) -> None:
         state = TrainerState.of(

@@ -43,6 +43,9 @@ SCENARIOS: dict[str, tuple[str, list[str], int | None]] = {
     "straight": ("straight", [*RANDOM, "checkpoint.every_steps=3"], None),
     "stop": ("stop_resume", [*RANDOM, "logging.wandb_mode=offline"], 3),
     "resume": ("stop_resume", [*RANDOM, "logging.wandb_mode=offline"], None),
+    # ZeRO-3 (parameters partitioned too): exact as well.
+    "stop_z3": ("stop_resume_z3", [*PLAIN, "zero.stage=3"], 3),
+    "resume_z3": ("stop_resume_z3", [*PLAIN, "zero.stage=3"], None),
     "plain": ("plain", PLAIN, None),
     "plain_z0": ("plain_z0", [*PLAIN, "zero.stage=0"], None),
     "plain_z1": ("plain_z1", [*PLAIN, "zero.stage=1"], None),

@@ -61,7 +61,19 @@ def out(tmp_path_factory) -> dict:
             shutil.copy(f, data / f.name)
     logs = {}
     logs[2] = run_scenarios(
-        tmp, 2, ["straight", "stop", "resume", "plain", "plain_z0", "plain_z1", "plain_z3"]
+        tmp,
+        2,
+        [
+            "straight",
+            "stop",
+            "resume",
+            "plain",
+            "plain_z0",
+            "plain_z1",
+            "plain_z3",
+            "stop_z3",
+            "resume_z3",
+        ],
     )
     for stage in ("", "_z0", "_z1", "_z3"):
         cut_back(tmp, f"plain{stage}", f"to1{stage}", 3)
@@ -143,6 +155,11 @@ def test_stop_and_resume_ends_bitwise_identical_to_a_straight_run(out) -> None:
     losses = result(out, "straight")["losses"]
     assert losses == result(out, "resume")["losses"]  # all six steps, the same floats
     assert len(losses) == STEPS
+
+
+def test_stop_and_resume_is_bitwise_exact_under_zero3_too(out) -> None:
+    assert_bitwise_equal(weights(out, "plain_z3"), weights(out, "stop_resume_z3"))
+    assert result(out, "plain_z3")["losses"] == result(out, "resume_z3")["losses"]
 
 
 def test_stop_and_resume_reads_the_same_samples_once(out) -> None:
