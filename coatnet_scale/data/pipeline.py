@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from coatnet_scale.config import DataConfig
 from coatnet_scale.data.shards import IMAGE_EXTS, Manifest, TarIndex, resolve_shards
 from coatnet_scale.data.transforms import TrainAugment, decode_eval, decode_train
+from coatnet_scale.stop import STOP_SIGNALS
 
 log = logging.getLogger("coatnet_scale.data")
 
@@ -433,6 +435,7 @@ class TrainLoader:
             prefetch_factor=4 if self.num_workers else None,
             pin_memory=torch.cuda.is_available(),
             generator=_own_generator(),
+            worker_init_fn=_ignore_stop_signals,
         )
         self.start = self.samples_consumed
         self.micro_batches_consumed = 0
@@ -524,7 +527,17 @@ def eval_loader(
         batch_size=None,
         num_workers=min(num_workers, len(stream)),
         generator=_own_generator(),
+        worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stop signals to the main process (`coatnet_scale.stop`): DeepSpeed's
+    launcher sends SIGTERM to each rank's whole process tree, and Ctrl-C reaches the whole process
+    group, but the main process still needs batches to finish its step before it checkpoints. The
+    workers exit with the main process (PyTorch's worker watchdog)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _own_generator() -> torch.Generator:

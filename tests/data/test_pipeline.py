@@ -258,3 +258,24 @@ def test_brace_pattern_counts_samples_like_the_manifest(uneven) -> None:
     assert listed.fingerprint() == manifest.fingerprint()
     with pytest.raises(FileNotFoundError, match="do not exist"):
         resolve_shards(str(folder / "train-{000000..000009}.tar"))
+
+
+def test_loader_workers_ignore_stop_signals_so_the_step_can_finish(uneven) -> None:
+    """A launcher signals the whole process tree; the workers must keep feeding the main process
+    until it has finished its step and checkpoint."""
+    import os
+    import signal
+
+    import psutil
+
+    ld = loader(uneven, BatchPlan(4, 4, 0, 1), workers=1)
+    batches = iter(ld)
+    next(batches)
+    workers = psutil.Process().children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR1)
+    for _ in range(3):
+        assert len(next(batches)["label"]) == 4
+    assert all(w.is_running() for w in workers)

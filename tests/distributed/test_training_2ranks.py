@@ -76,7 +76,7 @@ def test_ema_weights_are_evaluated(results: Path) -> None:
 
 def test_checkpoints_are_saved_at_the_step_cadence(results: Path) -> None:
     saved = sorted(p.name for p in (results / "zero2" / "checkpoints").glob("step*"))
-    assert saved == ["step2", "step4"]
+    assert saved == ["step00000002", "step00000004"]
 
 
 def test_gradient_accumulation_matches_a_bigger_micro_batch(results: Path) -> None:
