@@ -188,7 +188,7 @@ def test_checkpoint_holds_the_documented_state(out) -> None:
     assert len(state.config_hash) == 16 and state.code_version
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank00000.pt", "rank00001.pt"]
     manifest = checkpoint.read_manifest(ckpt)
-    assert set(manifest["files"]) == set(checkpoint._files_under(ckpt))
+    assert set(manifest["files"]) == set(checkpoint.files_under(ckpt))
     assert (ckpt.parent / "latest").read_text() == STEP6
 
 

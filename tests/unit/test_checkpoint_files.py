@@ -13,6 +13,7 @@ import pytest
 
 from coatnet_scale import checkpoint
 from coatnet_scale.checkpoint import CheckpointError, step_name
+from coatnet_scale.checkpoint.__main__ import main as checkpoint_cli
 from coatnet_scale.config import load_config, to_dict
 from coatnet_scale.logging import rewind_metrics
 from coatnet_scale.stop import StopRequest
@@ -25,7 +26,7 @@ def fake_checkpoint(folder: Path, step: int, commit: bool = True) -> Path:
     (folder / "rng").mkdir()
     (folder / "rng" / "rank00000.pt").write_bytes(b"state" * 10)
     if commit:
-        files = checkpoint._files_under(folder)
+        files = checkpoint.files_under(folder)
         checkpoint.write_manifest(folder, step, 1, checkpoint.file_records(folder, files))
     return folder
 
@@ -169,8 +170,8 @@ def test_a_stop_signal_sets_the_flag_and_close_restores_the_handler() -> None:
 
 def test_cli_lists_verifies_and_reports_damage(root: Path, capsys) -> None:
     shard(root / step_name(30)).write_bytes(b"x")
-    assert checkpoint.main(["list", str(root.parent)]) == 0
+    assert checkpoint_cli(["list", str(root.parent)]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0].endswith("ok") and "DAMAGED" in listing[2]
-    assert checkpoint.main(["verify", str(root / step_name(30))]) == 1
-    assert checkpoint.main(["verify", str(root / step_name(20))]) == 0
+    assert checkpoint_cli(["verify", str(root / step_name(30))]) == 1
+    assert checkpoint_cli(["verify", str(root / step_name(20))]) == 0

@@ -1,0 +1,103 @@
+"""Consolidated weights: export to safetensors, and initial weights for fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from coatnet_scale.checkpoint.layout import (
+    EXPORT_CONFIG,
+    MANIFEST,
+    CheckpointError,
+    checkpoint_root,
+    checkpoint_step,
+    list_checkpoints,
+    verify,
+)
+from coatnet_scale.checkpoint.resume import read_ema
+from coatnet_scale.checkpoint.state import TrainerState
+from coatnet_scale.files import atomic_write_text
+from coatnet_scale.models import EXPORT_WEIGHTS, read_state_dict
+
+
+def consolidated_state_dict(ckpt: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 weights and buffers of a checkpoint of any ZeRO stage, in one process (DeepSpeed's
+    zero_to_fp32 merges the partitions; ZeRO-0 keeps the module whole). With `use_ema`, the EMA
+    weights replace the trained ones (buffers are the trained model's)."""
+    if any(ckpt.glob("*_optim_states.pt")):  # ZeRO 1-3: partitioned fp32 master weights
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        # ZeRO-0: the whole module is in the model-states file (which also holds non-tensor
+        # engine state, hence weights_only=False: our own file, written by this run).
+        saved = torch.load(
+            ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )
+        state = saved["module"]
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if use_ema:
+        ema = read_ema(ckpt)
+        if ema is None:
+            raise CheckpointError(f"{ckpt} has no EMA weights (train.ema_decay was 0)")
+        state.update({k: v.float() for k, v in ema.items()})
+    return state
+
+
+def resolve_checkpoint(path: Path, checksums: bool = True) -> Path:
+    """A checkpoint folder from a path to one, or to a run / checkpoints folder (its newest valid
+    checkpoint). Single process; raises `CheckpointError` when none verifies."""
+    if checkpoint_step(path) is not None or (path / MANIFEST).exists():
+        problems = verify(path, checksums)
+        if problems:
+            raise CheckpointError(f"{path} is damaged: " + "; ".join(problems))
+        return path
+    root = checkpoint_root(path) if checkpoint_root(path).is_dir() else path
+    for ckpt in reversed(list_checkpoints(root)):
+        if not verify(ckpt, checksums):
+            return ckpt
+    raise CheckpointError(f"no valid checkpoint under {path}")
+
+
+def export(ckpt: Path, out_dir: Path, use_ema: bool = False) -> Path:
+    """Write `out_dir/model.safetensors` (consolidated fp32) and `out_dir/config.json` (the model
+    config, step and timm pretrained_cfg). Loadable by `create_model(name, checkpoint=out_dir)` and
+    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`."""
+    from safetensors.torch import save_file
+
+    from coatnet_scale.models.timm_registry import pretrained_cfg
+
+    state = consolidated_state_dict(ckpt, use_ema)
+    trainer = TrainerState.read(ckpt)
+    model = trainer.config["model"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / EXPORT_WEIGHTS
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(weights)
+    info = {
+        "architecture": model["name"],
+        "model": model,
+        "step": trainer.step,
+        "ema": use_ema,
+        "source": str(ckpt.resolve()),
+        "config_hash": trainer.config_hash,
+        "code_version": trainer.code_version,
+        "pretrained_cfg": pretrained_cfg(model["image_size"], model["num_classes"]),
+    }
+    atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(info, indent=1) + "\n")
+    return weights
+
+
+def initial_weights(path: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Weights to start a fine-tuning run from: a weights file, an export folder, a training
+    checkpoint, or a run folder (its newest valid checkpoint)."""
+    if path.is_file() or (path / EXPORT_WEIGHTS).is_file():
+        if use_ema:
+            raise CheckpointError(f"{path}: checkpoint.init_ema needs a training checkpoint")
+        return read_state_dict(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.init_from={path}: no such file or folder")
+    return consolidated_state_dict(resolve_checkpoint(path), use_ema)

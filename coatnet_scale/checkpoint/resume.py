@@ -1,0 +1,217 @@
+"""Choosing the checkpoint a run continues from, checking it fits, converting it for another
+world size, and loading it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coatnet_scale.checkpoint.layout import (
+    EMA_FILE,
+    MUST_MATCH,
+    RNG_DIR,
+    TMP_PREFIX,
+    UNIVERSAL,
+    CheckpointError,
+    Log,
+    barrier,
+    checkpoint_root,
+    checkpoint_step,
+    from_rank0,
+    list_checkpoints,
+    rank_world,
+    verify_on_ranks,
+)
+from coatnet_scale.checkpoint.save import point_latest, recover
+from coatnet_scale.checkpoint.state import TrainerState, set_rng_state
+from coatnet_scale.config import CheckpointConfig, Config, to_dict
+from coatnet_scale.files import free_name, fsync_dir, remove_tree
+
+
+def newest_valid(root: Path, checksums: bool, log: Log) -> Path | None:
+    """The newest checkpoint under `root` that verifies; damaged newer ones are reported and
+    renamed `stepN.damaged` (kept for inspection). Collective when a process group exists."""
+    rank, _ = rank_world()
+    for ckpt in reversed(list_checkpoints(root)):
+        problems = verify_on_ranks(ckpt, checksums)
+        if not problems:
+            return ckpt
+        log(
+            f"WARNING: checkpoint {ckpt} is damaged and is not used ("
+            + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + "); falling back to the previous checkpoint"
+        )
+        if rank == 0:
+            ckpt.rename(free_name(ckpt.with_name(ckpt.name + ".damaged")))
+            point_latest(root)
+        barrier()
+    return None
+
+
+def find_resume(cfg: CheckpointConfig, run_dir: Path, log: Log) -> Path | None:
+    """The checkpoint this run continues from: `checkpoint.resume` = auto (newest valid in the run
+    folder, or None to start fresh), none, or a path (a `stepN` folder, or a run/checkpoints
+    folder meaning its newest valid checkpoint). All ranks call this."""
+    root = checkpoint_root(run_dir)
+    rank, _ = rank_world()
+    if rank == 0:
+        recover(root, log)
+    barrier()
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return newest_valid(root, cfg.verify_checksums, log)
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.resume={cfg.resume}: no such file or folder")
+    if checkpoint_step(path) is None:  # a run folder or its checkpoints folder
+        inner = checkpoint_root(path) if checkpoint_root(path).is_dir() else path
+        found = newest_valid(inner, cfg.verify_checksums, log)
+        if found is None:
+            raise CheckpointError(f"checkpoint.resume={cfg.resume}: no valid checkpoint in it")
+        return found
+    problems = verify_on_ranks(path, cfg.verify_checksums)
+    if problems:
+        raise CheckpointError(f"checkpoint.resume={cfg.resume} is damaged: " + "; ".join(problems))
+    if rank == 0 and path.parent.resolve() == root.resolve():
+        # Resuming an older checkpoint of this run: newer ones would be kept by the retention
+        # policy and win the next `auto` resume. Move them aside (never deleted).
+        step = checkpoint_step(path) or 0
+        for newer in list_checkpoints(root):
+            if (checkpoint_step(newer) or 0) > step:
+                newer.rename(free_name(newer.with_name(newer.name + ".superseded")))
+                log(f"{newer.name} is newer than the resumed {path.name}: kept as *.superseded")
+        point_latest(root)
+    barrier()
+    return path
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> tuple[list[str], list[str]]:
+    """(blocking, allowed) differences between a checkpoint's config and this run's, one
+    'key: checkpoint X, this run Y' line each. Blocking ones are `MUST_MATCH` keys."""
+    before, after = _flatten(saved), _flatten(to_dict(cfg))
+    blocking, allowed = [], []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            line = f"{key}: checkpoint {before.get(key)!r}, this run {after.get(key)!r}"
+            (blocking if key.startswith(MUST_MATCH) else allowed).append(line)
+    return blocking, allowed
+
+
+def check_compatible(ckpt: Path, state: TrainerState, cfg: Config) -> list[str]:
+    """Raise `CheckpointError` naming every blocking difference; return the allowed ones."""
+    blocking, allowed = config_changes(state.config, cfg)
+    if blocking:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not fit this run: "
+            + "; ".join(blocking)
+            + ". Use the checkpoint's settings, or start a new run folder (export the weights "
+            "and pass them as checkpoint.init_from to change the model or the ZeRO stage)"
+        )
+    return [line for line in allowed if not line.startswith(("train.run_dir", "checkpoint."))]
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Where DeepSpeed loads from: `load_dir/tag`, universal format or not."""
+
+    load_dir: Path
+    tag: str
+    universal: bool
+
+
+def prepare_load(ckpt: Path, saved_world: int, world: int, zero_stage: int, log: Log) -> LoadPlan:
+    """Plan (and on a world-size change, make) what DeepSpeed loads. All ranks call this.
+
+    Same world size, or ZeRO-0 (whose optimizer state is not partitioned): the checkpoint as is.
+    Otherwise rank 0 converts it once with DeepSpeed's `ds_to_universal` into `stepN/universal`
+    (written under a temporary name, renamed when complete) and the engine loads that.
+    """
+    if saved_world == world or zero_stage == 0:
+        return LoadPlan(ckpt.parent, ckpt.name, universal=False)
+    rank, _ = rank_world()
+    failure = None
+    if rank == 0 and not (ckpt / UNIVERSAL).is_dir():
+        log(f"{ckpt.name} was saved by {saved_world} rank(s), this run has {world}: converting it")
+        started = time.perf_counter()
+        failure = convert_to_universal(ckpt)
+        if failure is None:
+            log(f"converted to {ckpt / UNIVERSAL} in {time.perf_counter() - started:.1f} s")
+    failure = from_rank0(failure)
+    if failure:
+        raise CheckpointError(failure)
+    return LoadPlan(ckpt, UNIVERSAL, universal=True)
+
+
+def convert_to_universal(ckpt: Path) -> str | None:
+    """Run DeepSpeed's converter (a subprocess: it forks workers and needs the memory of one
+    consolidated parameter at a time); returns an error message or None."""
+    tmp = ckpt / f"{TMP_PREFIX}{UNIVERSAL}"
+    if tmp.exists():
+        remove_tree(tmp)
+    workers = "2"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ckpt),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            workers,
+            "--num_merge_workers",
+            workers,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        return f"converting {ckpt} to a universal checkpoint failed: " + " | ".join(tail)
+    tmp.rename(ckpt / UNIVERSAL)
+    fsync_dir(ckpt)
+    return None
+
+
+def load(engine, plan: LoadPlan) -> None:
+    """DeepSpeed's load of model, optimizer and engine counters (all ranks)."""
+    path, _ = engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_module_strict=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
+
+
+def restore_rng(ckpt: Path, rank: int, same_world: bool) -> bool:
+    """This rank's saved RNG states, when the world size is unchanged; returns whether it did.
+    (On another world size there is no saved state for every rank; the caller reseeds.)"""
+    path = ckpt / RNG_DIR / f"rank{rank:05d}.pt"
+    if not same_world or not path.is_file():
+        return False
+    set_rng_state(torch.load(path, weights_only=True))
+    return True
+
+
+def read_ema(ckpt: Path) -> dict[str, torch.Tensor] | None:
+    if not (ckpt / EMA_FILE).is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / EMA_FILE))

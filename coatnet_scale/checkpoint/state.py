@@ -1,0 +1,89 @@
+"""The state besides DeepSpeed's files: trainer state (JSON) and per-rank RNG states."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from coatnet_scale.checkpoint.layout import (
+    FORMAT,
+    TRAINER_STATE,
+    code_version,
+)
+from coatnet_scale.config import Config, config_hash, to_dict
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in a form `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What the loop needs besides DeepSpeed's files to continue exactly (JSON, human-readable).
+
+    The learning rate is a pure function of the step (`optim.lr_at`), so `step` is also the
+    schedule's position; `data` is the loader's position (`TrainLoader.state_dict`: samples
+    consumed, epoch, offset into the epoch, seed, sampling mode, data fingerprint)."""
+
+    step: int
+    data: dict[str, Any]
+    skipped_steps: int
+    wandb_run_id: str | None
+    world_size: int
+    config: dict[str, Any]
+    config_hash: str
+    code_version: str
+
+    @classmethod
+    def of(
+        cls,
+        cfg: Config,
+        step: int,
+        data: dict[str, Any],
+        skipped_steps: int,
+        wandb_run_id: str | None,
+        world_size: int,
+    ) -> TrainerState:
+        return cls(
+            step,
+            data,
+            skipped_steps,
+            wandb_run_id,
+            world_size,
+            to_dict(cfg),
+            config_hash(cfg),
+            code_version(),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, **self.__dict__}, indent=1) + "\n"
+
+    @classmethod
+    def read(cls, ckpt: Path) -> TrainerState:
+        data = json.loads((ckpt / TRAINER_STATE).read_text())
+        data.pop("format", None)
+        return cls(**data)
