@@ -35,6 +35,11 @@ or a verifiable new checkpoint.
 Changing the number of ranks (PRIOR_ART P2) runs DeepSpeed's `ds_to_universal` on rank 0 into
 `stepN/universal/` and loads that with `checkpoint.load_universal`; the data position, the EMA and
 the counters are world-size independent by construction.
+
+Modules: `layout` (names, listing, manifest verification, the collectives used), `state` (trainer
+state and RNG), `save` (the commit protocol, retention, recovery), `resume` (choice, compatibility,
+universal conversion, loading), `export` (consolidated weights, fine-tuning init). The command
+line, `python -m coatnet_scale.checkpoint {list,verify,export}`, is in `__main__`.
 """
 
 from coatnet_scale.checkpoint.export import (
