@@ -204,7 +204,7 @@ def train(cfg: Config) -> dict[str, float]:
     load_plan = None
     if saved is not None:
         load_plan = checkpoint.prepare_load(
-            resume_from, saved.world_size, env.world_size, cfg.zero.stage, notes.append
+            resume_from, saved.world_size, env.world_size, notes.append
         )
         if load_plan.universal:
             ds_config["checkpoint"] = {"load_universal": True}

@@ -137,14 +137,17 @@ class LoadPlan:
     universal: bool
 
 
-def prepare_load(ckpt: Path, saved_world: int, world: int, zero_stage: int, log: Log) -> LoadPlan:
+def prepare_load(ckpt: Path, saved_world: int, world: int, log: Log) -> LoadPlan:
     """Plan (and on a world-size change, make) what DeepSpeed loads. All ranks call this.
 
-    Same world size, or ZeRO-0 (whose optimizer state is not partitioned): the checkpoint as is.
-    Otherwise rank 0 converts it once with DeepSpeed's `ds_to_universal` into `stepN/universal`
-    (written under a temporary name, renamed when complete) and the engine loads that.
+    Same world size, or no partitioned optimizer files (fp32 ZeRO-0 keeps the whole optimizer in
+    the model-states file): the checkpoint as is. Otherwise (ZeRO 1-3, and bf16 ZeRO-0 whose
+    BF16_Optimizer partitions its fp32 state) rank 0 converts it once with DeepSpeed's
+    `ds_to_universal` into `stepN/universal` (written under a temporary name, renamed when
+    complete) and the engine loads that.
     """
-    if saved_world == world or zero_stage == 0:
+    partitioned = any(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
+    if saved_world == world or not partitioned:
         return LoadPlan(ckpt.parent, ckpt.name, universal=False)
     rank, _ = rank_world()
     failure = None
