@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# DeepSpeed JIT-builds small ops (shm comm, CPU Adam) into TORCH_EXTENSIONS_DIR. One folder per
+# venv: two checkouts sharing ~/.cache/torch_extensions rebuild each other's ops on every start.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo model-demo test lint format bench clean
 

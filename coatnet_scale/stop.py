@@ -15,6 +15,9 @@ import signal
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+# Exit code of a run that stopped on request after committing a checkpoint: "try again later"
+# (EX_TEMPFAIL in sysexits.h). The SLURM job requeues on it (distributed/slurm.py).
+EXIT_STOPPED = 75
 
 
 class StopRequest:

@@ -1,0 +1,206 @@
+"""SLURM jobs on a real local 2-node cluster (tests/slurm/cluster.py): `sbatch
+launch/slurm/pretrain.sbatch` trains the debug model with one rank per node (CPU, gloo),
+evaluates and checkpoints; preempted twice (the warning signal, then requeue) it ends with the
+same weights, step count and sample accounting as an uninterrupted job, in one wandb run; a
+killed task ends the job step at once with the failed rank named, and the requeued job resumes.
+
+Skipped, with the reason, only where the cluster cannot be started (not root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from coatnet_scale import checkpoint
+from tests.data.conftest import shard_set
+from tests.slurm.cluster import LocalCluster, unavailable_reason
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = LocalCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> list[str]:
+    """Overrides naming small train and validation shard sets."""
+    tmp = tmp_path_factory.mktemp("slurmdata")
+    train, val = shard_set(tmp, [20, 7, 13]), shard_set(tmp, [9], name="val")
+    return [f"data.train_shards={train}", f"data.val_shards={val}"]
+
+
+def submit(cluster: LocalCluster, name: str, run: Path, data: list[str], *overrides: str) -> str:
+    run.mkdir(parents=True, exist_ok=True)
+    args = [
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=1",
+        "--cpus-per-task=1",
+        "--time=20",
+        f"--job-name={name}",
+        f"--output={run}/slurm-%j.out",
+        "launch/slurm/pretrain.sbatch",
+        "--model",
+        "coatnet_debug",
+        "--config",
+        "configs/debug.yaml",
+        *data,
+        "model.image_size=32",
+        "model.num_classes=3",
+        "precision.dtype=fp32",
+        f"train.total_steps={STEPS}",
+        "train.eval_every=0",
+        "logging.wandb_mode=offline",
+        "logging.log_every=1",
+        "checkpoint.every_steps=4",
+        "checkpoint.every_minutes=0",
+        "distributed.timeout_minutes=1",
+        f"train.run_dir={run}",
+        *overrides,
+    ]
+    env = {**cluster.env(), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def job(cluster: LocalCluster, job_id: str) -> dict[str, str]:
+    out = cluster.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def release(cluster: LocalCluster, job_id: str) -> None:
+    """SLURM holds a requeued batch job for two minutes (its begin time, set once the old batch
+    step has ended); the tests shorten that wait once the job is back in the queue. Nothing else
+    about the requeue changes."""
+    wait_for(lambda: job(cluster, job_id).get("JobState") == "PENDING", "the requeued job", 120)
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+
+
+def logged_step(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line]
+    return max(steps, default=0)
+
+
+def wait_for(condition, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def finished(cluster: LocalCluster, job_id: str) -> bool:
+    return job(cluster, job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
+
+
+def job_log(run: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(run.glob("slurm-*.out")))
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.consolidated_state_dict(run / "checkpoints" / checkpoint.step_name(STEPS))
+
+
+def test_preempted_twice_the_job_ends_like_an_uninterrupted_one(cluster, data, tmp_path) -> None:
+    reference, preempted = tmp_path / "reference", tmp_path / "preempted"
+    ref_job = submit(cluster, "reference", reference, data)
+    job_id = submit(cluster, "preempted", preempted, data)
+    # The two jobs share the 2 nodes: the second starts when the first ends.
+    wait_for(lambda: finished(cluster, ref_job), "the reference job")
+    assert job(cluster, ref_job)["JobState"] == "COMPLETED", job_log(reference)
+
+    for restart, at_step in ((0, 5), (1, 14)):
+        wait_for(
+            lambda r=restart, s=at_step: (
+                job(cluster, job_id).get("Restarts") == str(r) and logged_step(preempted) >= s
+            ),
+            f"restart {restart} to pass step {at_step}",
+        )
+        # The warning SLURM sends before a time limit or a preemption: USR1 to every task.
+        cluster.run("scancel", "--signal=USR1", job_id)
+        wait_for(lambda r=restart: job(cluster, job_id).get("Restarts") == str(r + 1), "requeue")
+        release(cluster, job_id)
+    wait_for(lambda: finished(cluster, job_id), "the preempted job")
+    log = job_log(preempted)
+    assert job(cluster, job_id)["JobState"] == "COMPLETED", log[-3000:]
+
+    assert log.count("stop requested (SIGUSR1)") == 2
+    assert log.count("the tasks stopped after a checkpoint at step") == 2
+    assert "requeueing (restart 1 of" in log and "requeueing (restart 2 of" in log
+    assert log.count("resumed from") == 2
+    # Same final step, same samples, bitwise the same weights as the uninterrupted job.
+    last = preempted / "checkpoints" / checkpoint.step_name(STEPS)
+    state = checkpoint.TrainerState.read(last)
+    ref_state = checkpoint.TrainerState.read(reference / "checkpoints" / last.name)
+    assert state.data == ref_state.data and state.data["samples_consumed"] == STEPS * 8
+    got, want = final_weights(preempted), final_weights(reference)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # One wandb run: three offline segments carrying the same id.
+    run_id = (preempted / "wandb_run_id").read_text().strip()
+    segments = sorted((preempted / "wandb").glob("offline-run-*"))
+    assert len(segments) == 3 and all(s.name.endswith(run_id) for s in segments)
+    assert state.wandb_run_id == run_id
+    # Evaluated at the end, and one metrics record per step despite the restarts.
+    records = [json.loads(x) for x in (preempted / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, STEPS + 1))
+    assert any("val_top1" in r for r in records)
+
+
+def task_pid(job_id: str, rank: int) -> int | None:
+    """The training process of `rank` in job `job_id` (its SLURM_PROCID)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if "launch/pretrain.py" not in (proc / "cmdline").read_bytes().decode(errors="ignore"):
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURM_PROCID={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
+    cluster, data, tmp_path
+) -> None:
+    run = tmp_path / "killed"
+    job_id = submit(cluster, "killed", run, data)
+    wait_for(lambda: logged_step(run) >= 6, "step 6 (after the step-4 checkpoint)")
+    newest = checkpoint.list_checkpoints(run / "checkpoints")[-1]
+    pid = task_pid(job_id, 1)
+    assert pid is not None
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)  # rank 1, on node n2
+    wait_for(lambda: job(cluster, job_id).get("Restarts") == "1", "the requeue", timeout=120)
+    assert time.monotonic() - killed_at < 60  # bounded: not the job's 20-minute limit
+    release(cluster, job_id)
+    wait_for(lambda: finished(cluster, job_id), "the requeued job")
+    log = job_log(run)
+    assert job(cluster, job_id)["JobState"] == "COMPLETED", log[-3000:]
+    assert re.search(r"srun: error: n2: task 1: Killed", log), log[-3000:]
+    assert "the training step failed (exit code" in log and "requeueing (restart 1 of" in log
+    resumed = re.findall(r"resumed from (\S+) \(step (\d+)", log)
+    assert resumed and int(resumed[0][1]) >= checkpoint.checkpoint_step(newest)
+    assert checkpoint.verify(run / "checkpoints" / checkpoint.step_name(STEPS)) == []

@@ -1,0 +1,62 @@
+"""The SLURM batch-step logic without a cluster: requeue decisions, the run folder per job name,
+the srun command line, config validation before anything starts. (Real jobs: tests/slurm.)"""
+
+from __future__ import annotations
+
+from coatnet_scale.config import load_config
+from coatnet_scale.distributed import slurm
+from coatnet_scale.stop import EXIT_STOPPED
+
+
+def test_a_run_whose_checkpoint_reached_the_last_step_is_finished() -> None:
+    decision = slurm.decide(0, step=100, total_steps=100, restarts=0, max_requeues=3)
+    assert not decision.requeue and decision.message.startswith("training finished")
+    # Even if a task was killed during teardown after the final checkpoint.
+    assert not slurm.decide(143, step=100, total_steps=100, restarts=0, max_requeues=3).requeue
+
+
+def test_stopped_and_failed_steps_requeue_until_the_limit() -> None:
+    stopped = slurm.decide(0, step=40, total_steps=100, restarts=1, max_requeues=3)
+    assert stopped.requeue and "restart 2 of at most 3" in stopped.message
+    assert "stopped after a checkpoint at step 40" in stopped.message
+    assert slurm.decide(EXIT_STOPPED, step=40, total_steps=100, restarts=0, max_requeues=3).requeue
+    failed = slurm.decide(137, step=40, total_steps=100, restarts=0, max_requeues=3)
+    assert failed.requeue and "exit code 137" in failed.message and "task N" in failed.message
+    exhausted = slurm.decide(0, step=40, total_steps=100, restarts=3, max_requeues=3)
+    assert not exhausted.requeue and "distributed.max_requeues=3" in exhausted.message
+    assert not slurm.decide(1, step=0, total_steps=100, restarts=0, max_requeues=0).requeue
+
+
+def test_progress_comes_from_the_newest_complete_checkpoint(tmp_path) -> None:
+    from tests.unit.test_checkpoint_files import fake_checkpoint
+
+    root = tmp_path / "checkpoints"
+    assert slurm.newest_step(tmp_path) == 0
+    fake_checkpoint(root / "step00000010", 10)
+    fake_checkpoint(root / "step00000020", 20, commit=False)  # no manifest: not complete
+    assert slurm.newest_step(tmp_path) == 10
+
+
+def test_the_run_folder_follows_the_job_name_unless_set() -> None:
+    env = {"SLURM_JOB_NAME": "c6-jft"}
+    assert slurm.run_dir_override(load_config(), env) == ["train.run_dir=runs/c6-jft"]
+    assert slurm.run_dir_override(load_config([], ["train.run_dir=/ckpt/x"]), env) == []
+    assert slurm.run_dir_override(load_config(), {}) == []
+
+
+def test_srun_runs_the_entry_point_with_the_same_arguments() -> None:
+    command = slurm.srun_command("/py", ["--model", "coatnet6", "optim.lr=1e-3"], ["a.b=c"])
+    assert command[:2] == ["srun", "--kill-on-bad-exit=1"]
+    assert command[-5:] == [str(slurm.PRETRAIN), "--model", "coatnet6", "optim.lr=1e-3", "a.b=c"]
+    assert str(slurm.PRETRAIN).endswith("launch/pretrain.py") and slurm.PRETRAIN.is_file()
+
+
+def test_a_bad_config_fails_before_srun(capsys) -> None:
+    assert slurm.main(["--model", "coatnet6", "optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_outside_a_job_it_says_how_to_submit(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurm.main(["--model", "coatnet_debug"]) == 2
+    assert "sbatch" in capsys.readouterr().out
