@@ -58,8 +58,12 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(args, env=self.env(), capture_output=True, text=True, check=check)
+    def run(
+        self, *args: str, check: bool = True, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            args, env=self.env(), capture_output=True, text=True, check=check, cwd=cwd
+        )
 
     def start(self) -> LocalCluster:
         install_packages()

@@ -204,3 +204,17 @@ def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
     resumed = re.findall(r"resumed from (\S+) \(step (\d+)", log)
     assert resumed and int(resumed[0][1]) >= checkpoint.checkpoint_step(newest)
     assert checkpoint.verify(run / "checkpoints" / checkpoint.step_name(STEPS)) == []
+
+
+def test_the_hostfile_for_deepspeeds_launcher_lists_the_allocation(cluster, tmp_path) -> None:
+    out = tmp_path / "hostfile"
+    cluster.run(
+        "sbatch",
+        "--wait",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        f"--output={out}",
+        f"--wrap={sys.executable} -m coatnet_scale.distributed.slurm --hostfile",
+        cwd=REPO,
+    )
+    assert out.read_text() == "n1 slots=1\nn2 slots=1\n"

@@ -158,14 +158,16 @@ def test_metrics_after_the_resumed_step_are_moved_aside_not_lost(tmp_path: Path)
     assert [json.loads(x)["step"] for x in moved] == [6, 7]
 
 
-def test_a_stop_signal_sets_the_flag_and_close_restores_the_handler() -> None:
-    previous = signal.getsignal(signal.SIGUSR1)
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_sets_the_flag_and_close_restores_the_handler(sig) -> None:
+    """USR1: SLURM's warning before a time limit; TERM: preemption, scancel, the launchers."""
+    previous = signal.getsignal(sig)
     stop = StopRequest()
     assert not stop.requested
-    os.kill(os.getpid(), signal.SIGUSR1)
-    assert stop.requested and stop.received == signal.SIGUSR1
+    os.kill(os.getpid(), sig)
+    assert stop.requested and stop.received == sig
     stop.close()
-    assert signal.getsignal(signal.SIGUSR1) == previous
+    assert signal.getsignal(sig) == previous
 
 
 def test_cli_lists_verifies_and_reports_damage(root: Path, capsys) -> None:
