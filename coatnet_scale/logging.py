@@ -99,6 +99,7 @@ class RunLogger:
         self.cfg, self.run_dir, self.is_main = cfg, run_dir, is_main
         self.secrets = secret_values()
         self.wandb_run = None
+        self._wandb_id: str | None = None
         self.progress = None
         if not is_main:
             return
@@ -106,6 +107,7 @@ class RunLogger:
         self.mode = resolve_wandb_mode(cfg.wandb_mode)
         if self.mode != "disabled":
             self.wandb_run = self._init_wandb(config, wandb_run_id)
+            self._wandb_id = self.wandb_run.id
         self.progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _init_wandb(self, config: dict[str, Any], run_id: str | None):
@@ -128,7 +130,15 @@ class RunLogger:
 
     @property
     def wandb_run_id(self) -> str | None:
-        return self.wandb_run.id if self.wandb_run is not None else None
+        """Kept after a wandb failure too: the checkpoint still names the run to continue."""
+        return self._wandb_id
+
+    def _wandb_failed(self, err: Exception) -> None:
+        """wandb is a sink, not a dependency of the run: if it breaks (its service process killed
+        by a signal sent to the whole process group, a network failure), the run goes on with the
+        metrics file only."""
+        self.wandb_run = None
+        self.message(f"WARNING: wandb failed ({type(err).__name__}: {err}); metrics.jsonl only")
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """One record: appended to metrics.jsonl, sent to wandb, shown on the progress bar."""
@@ -139,7 +149,10 @@ class RunLogger:
         with open(self.metrics_path, "a") as f:
             f.write(line + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(dict(metrics), step=step)
+            try:
+                self.wandb_run.log(dict(metrics), step=step)
+            except Exception as err:
+                self._wandb_failed(err)
         if self.progress is not None:
             shown = {k: metrics[k] for k in ("loss", "lr", "img_per_s", "val_top1") if k in metrics}
             self.progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -158,4 +171,7 @@ class RunLogger:
         if self.progress is not None:
             self.progress.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            try:
+                self.wandb_run.finish()
+            except Exception as err:
+                self._wandb_failed(err)

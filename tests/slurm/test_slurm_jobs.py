@@ -1,8 +1,9 @@
 """SLURM jobs on a real local 2-node cluster (tests/slurm/cluster.py): `sbatch
 launch/slurm/pretrain.sbatch` trains the debug model with one rank per node (CPU, gloo),
-evaluates and checkpoints; preempted twice (the warning signal, then requeue) it ends with the
-same weights, step count and sample accounting as an uninterrupted job, in one wandb run; a
-killed task ends the job step at once with the failed rank named, and the requeued job resumes.
+evaluates and checkpoints; preempted twice (the time-limit warning USR1, then the preemption
+signal TERM; each time a checkpoint and a requeue) it ends with the same weights, step count and
+sample accounting as an uninterrupted job, in one wandb run; a killed task ends the job step at
+once with the failed rank named, and the requeued job resumes.
 
 Skipped, with the reason, only where the cluster cannot be started (not root)."""
 
@@ -131,22 +132,24 @@ def test_preempted_twice_the_job_ends_like_an_uninterrupted_one(cluster, data, t
     wait_for(lambda: finished(cluster, ref_job), "the reference job")
     assert job(cluster, ref_job)["JobState"] == "COMPLETED", job_log(reference)
 
-    for restart, at_step in ((0, 5), (1, 14)):
+    # USR1: the warning `--signal=USR1@300` sends before the time limit; TERM: what SLURM sends
+    # every task when it preempts a job (PreemptMode=REQUEUE) or scancel does.
+    for restart, at_step, sig in ((0, 5, "USR1"), (1, 14, "TERM")):
         wait_for(
             lambda r=restart, s=at_step: (
                 job(cluster, job_id).get("Restarts") == str(r) and logged_step(preempted) >= s
             ),
             f"restart {restart} to pass step {at_step}",
         )
-        # The warning SLURM sends before a time limit or a preemption: USR1 to every task.
-        cluster.run("scancel", "--signal=USR1", job_id)
+        cluster.run("scancel", f"--signal={sig}", job_id)
         wait_for(lambda r=restart: job(cluster, job_id).get("Restarts") == str(r + 1), "requeue")
         release(cluster, job_id)
     wait_for(lambda: finished(cluster, job_id), "the preempted job")
     log = job_log(preempted)
     assert job(cluster, job_id)["JobState"] == "COMPLETED", log[-3000:]
 
-    assert log.count("stop requested (SIGUSR1)") == 2
+    assert log.count("stop requested (SIGUSR1)") == 1
+    assert log.count("stop requested (SIGTERM)") == 1
     assert log.count("the tasks stopped after a checkpoint at step") == 2
     assert "requeueing (restart 1 of" in log and "requeueing (restart 2 of" in log
     assert log.count("resumed from") == 2

@@ -139,6 +139,30 @@ def test_logger_writes_jsonl_keeps_wandb_id_and_hides_secrets(tmp_path: Path, mo
     assert redact("a s3cr3t-value-123 b") == "a *** b"
 
 
+def test_a_broken_wandb_does_not_stop_the_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Seen on SLURM: a preemption SIGTERM reaches wandb's service process too, and the next
+    wandb call raises. The run must go on (JSONL), still knowing its wandb run id."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(overrides=["logging.wandb_mode=offline"]).logging
+    logger = RunLogger(cfg, tmp_path, True, {}, total_steps=3)
+    run_id = logger.wandb_run_id
+    real_run = logger.wandb_run
+
+    class Broken:
+        def log(self, *args, **kwargs):
+            raise ConnectionResetError("Connection lost")
+
+    logger.wandb_run = Broken()
+    logger.log(1, {"loss": 1.0})
+    logger.log(2, {"loss": 0.5})
+    assert logger.wandb_run is None and logger.wandb_run_id == run_id
+    assert "wandb failed (ConnectionResetError" in capsys.readouterr().out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    logger.close()
+    real_run.finish()
+
+
 def test_plots_from_metrics(tmp_path: Path) -> None:
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(1, 6):
