@@ -24,6 +24,7 @@ import coatnet_scale.train as training
 from coatnet_scale.checkpoint import CheckpointError
 from coatnet_scale.cli import config_parser, parse_config_args
 from coatnet_scale.data.pipeline import TrainLoader
+from tests.distributed.scenarios import debug_run
 
 STEPS = 6
 # Mixup, stochastic depth and EMA on: the exact-resume comparison covers every random stream.
@@ -108,22 +109,10 @@ def main() -> None:
 
         training.build_train_loader, training.lr_at = build, stop_after(stop)
         overrides = [
-            f"data.train_shards={data}/train.json",
-            f"data.val_shards={data}/val.json",
-            "data.num_workers=0",
-            "model.image_size=32",
-            "model.num_classes=3",
-            f"train.total_steps={STEPS}",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=2",
-            "schedule.warmup_steps=1",
-            "logging.log_every=1",
-            "logging.wandb_mode=disabled",
-            "precision.dtype=fp32",
+            *debug_run(data, out / run, STEPS, micro_batch=2),
             "zero.stage=2",
             "checkpoint.every_steps=0",
             "checkpoint.every_minutes=0",
-            f"train.run_dir={out}/{run}",
         ]
         init = out / "export_plain"
         if name.startswith("finetune"):

@@ -36,6 +36,26 @@ SCENARIOS = {
 }
 
 
+def debug_run(data: str, run_dir: Path, steps: int, micro_batch: int) -> list[str]:
+    """Overrides of the short debug-model run the scenarios vary: 32 px, 3 classes, global batch
+    8, fp32, every step logged, no loader workers, no wandb."""
+    return [
+        f"data.train_shards={data}/train.json",
+        f"data.val_shards={data}/val.json",
+        "data.num_workers=0",
+        "model.image_size=32",
+        "model.num_classes=3",
+        f"train.total_steps={steps}",
+        "train.global_batch_size=8",
+        f"train.micro_batch_size={micro_batch}",
+        "schedule.warmup_steps=1",
+        "logging.log_every=1",
+        "logging.wandb_mode=disabled",
+        "precision.dtype=fp32",
+        f"train.run_dir={run_dir}",
+    ]
+
+
 def inject_nan_on_rank1_at_step(step_to_poison: int) -> None:
     """Make rank 1's loss NaN at one step: the guard must skip that step on both ranks."""
     original = training.classification_loss
@@ -72,22 +92,7 @@ def main() -> None:
     originals = (training.build_engine, training.classification_loss)
     for name in names:
         training.build_engine, training.classification_loss = originals  # undo earlier patches
-        overrides = [
-            f"data.train_shards={data}/train.json",
-            f"data.val_shards={data}/val.json",
-            "data.num_workers=0",
-            "model.image_size=32",
-            "model.num_classes=3",
-            f"train.total_steps={STEPS}",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=4",
-            "schedule.warmup_steps=1",
-            "logging.log_every=1",
-            "logging.wandb_mode=disabled",
-            "precision.dtype=fp32",
-            f"train.run_dir={out}/{name}",
-            *SCENARIOS[name],
-        ]
+        overrides = [*debug_run(data, out / name, STEPS, micro_batch=4), *SCENARIOS[name]]
         cfg, _ = parse_config_args(["--model", "coatnet_debug", *overrides], config_parser("t"))
         if name == "nan":
             inject_nan_on_rank1_at_step(2)
