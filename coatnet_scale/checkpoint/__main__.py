@@ -11,7 +11,7 @@ from coatnet_scale.checkpoint.export import export, resolve_checkpoint
 from coatnet_scale.checkpoint.layout import (
     EXPORT_CONFIG,
     CheckpointError,
-    checkpoint_root,
+    checkpoints_in,
     list_checkpoints,
     verify,
 )
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
-            root = checkpoint_root(args.run) if checkpoint_root(args.run).is_dir() else args.run
+            root = checkpoints_in(args.run)
             for ckpt in list_checkpoints(root):
                 problems = verify(ckpt)
                 print(f"{ckpt.name}  {'ok' if not problems else 'DAMAGED: ' + problems[0]}")

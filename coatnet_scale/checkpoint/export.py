@@ -11,8 +11,8 @@ from coatnet_scale.checkpoint.layout import (
     EXPORT_CONFIG,
     MANIFEST,
     CheckpointError,
-    checkpoint_root,
     checkpoint_step,
+    checkpoints_in,
     list_checkpoints,
     verify,
 )
@@ -54,7 +54,7 @@ def resolve_checkpoint(path: Path, checksums: bool = True) -> Path:
         if problems:
             raise CheckpointError(f"{path} is damaged: " + "; ".join(problems))
         return path
-    root = checkpoint_root(path) if checkpoint_root(path).is_dir() else path
+    root = checkpoints_in(path)
     for ckpt in reversed(list_checkpoints(root)):
         if not verify(ckpt, checksums):
             return ckpt

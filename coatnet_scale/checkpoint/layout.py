@@ -78,6 +78,11 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def checkpoints_in(path: Path) -> Path:
+    """The folder holding `stepN` checkpoints, given a run folder or that folder itself."""
+    return checkpoint_root(path) if checkpoint_root(path).is_dir() else path
+
+
 # ---- ranks ---------------------------------------------------------------------------------
 
 

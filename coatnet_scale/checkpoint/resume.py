@@ -23,6 +23,7 @@ from coatnet_scale.checkpoint.layout import (
     barrier,
     checkpoint_root,
     checkpoint_step,
+    checkpoints_in,
     from_rank0,
     list_checkpoints,
     rank_world,
@@ -72,7 +73,7 @@ def find_resume(cfg: CheckpointConfig, run_dir: Path, log: Log) -> Path | None:
     if not path.exists():
         raise CheckpointError(f"checkpoint.resume={cfg.resume}: no such file or folder")
     if checkpoint_step(path) is None:  # a run folder or its checkpoints folder
-        inner = checkpoint_root(path) if checkpoint_root(path).is_dir() else path
+        inner = checkpoints_in(path)
         found = newest_valid(inner, cfg.verify_checksums, log)
         if found is None:
             raise CheckpointError(f"checkpoint.resume={cfg.resume}: no valid checkpoint in it")
