@@ -20,50 +20,44 @@ from coatnet_scale.config import Config
 from coatnet_scale.distributed.env import dist_env
 
 
-def model_state_bytes(params: int, stage: int, world: int, dtype: str) -> dict[str, float]:
-    """Per-rank bytes of parameters, gradients and optimizer states under ZeRO (Rajbhandari et
-    al. 2020, Fig. 1): mixed precision keeps 2-byte params and grads plus 12 bytes of fp32 master
-    weights and Adam moments per parameter; fp32 keeps 4 + 4 + 8."""
-    p_bytes, g_bytes, o_bytes = (4, 4, 8) if dtype == "fp32" else (2, 2, 12)
-    shard = {"params": stage >= 3, "grads": stage >= 2, "optim": stage >= 1}
-    return {
-        "params": params * p_bytes / (world if shard["params"] else 1),
-        "grads": params * g_bytes / (world if shard["grads"] else 1),
-        "optim": params * o_bytes / (world if shard["optim"] else 1),
-    }
-
-
 def plan_text(cfg: Config, world: int) -> str:
-    """The dry-run report: nothing is allocated (the model is built on the meta device)."""
+    """The dry-run report from the planner's models (`coatnet_scale.plan`): nothing is allocated."""
     from coatnet_scale.distributed.engine import to_deepspeed_config
-    from coatnet_scale.models import STAGE_NAMES, build_model
-    from coatnet_scale.models.flops import activation_bytes_per_image, stage_macs
+    from coatnet_scale.models import STAGE_NAMES
+    from coatnet_scale.models.footprint import unit_footprints
+    from coatnet_scale.plan import buffer_bytes
+    from coatnet_scale.plan.memory import model_states, step_peak
 
-    model = build_model(cfg.model, "meta")
-    params = sum(p.numel() for p in model.parameters())
-    macs = stage_macs(cfg.model)
-    states = model_state_bytes(params, cfg.zero.stage, world, cfg.precision.dtype)
-    element = 4 if cfg.precision.dtype == "fp32" else 2
+    act = 4 if cfg.precision.dtype == "fp32" else 2
+    units = unit_footprints(cfg.model, act, "fused")
+    params = sum(u.params for u in units)
+    macs = sum(u.macs for u in units)
+    offload = cfg.zero.offload_optimizer == "cpu"
+    states = model_states(params, cfg.zero.stage, world, cfg.precision.dtype, offload)
+    buffers = buffer_bytes(units, cfg.zero.stage, cfg.zero.reduce_bucket_size, act)
     micro = cfg.train.micro_batch_size
+    image = micro * cfg.model.in_chans * cfg.model.image_size**2 * act
     gib = 2**30
     lines = [
         f"model {cfg.model.name} at {cfg.model.image_size}px: {params:,} parameters, "
-        f"{sum(r.macs for r in macs) / 1e9:.1f} GMACs per image "
-        f"({', '.join(f'{r.name} {r.macs / 1e9:.2f}' for r in macs)})",
+        f"{macs / 1e9:.1f} GMACs per image",
         f"world size {world}, ZeRO-{cfg.zero.stage}, {cfg.precision.dtype}: model states per rank "
-        + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in states.items())
-        + f" = {sum(states.values()) / gib:.2f} GiB",
+        f"params {states.params / gib:.2f} GiB, grads {states.grads / gib:.2f} GiB, optimizer "
+        f"{states.optimizer / gib:.2f} GiB (offloaded {states.offloaded / gib:.2f} GiB); "
+        f"gradient buckets {buffers / gib:.2f} GiB",
     ]
     policies = [("no checkpointing", ()), ("all blocks checkpointed", STAGE_NAMES)]
     if cfg.activation_checkpointing.policy == "stages":
         chosen = cfg.activation_checkpointing.stages
         policies.insert(1, (f"stages {', '.join(chosen)} checkpointed", chosen))
     for label, stages in policies:
-        act = activation_bytes_per_image(cfg.model, element, stages)
+        step = step_peak(units, micro, stages, states.total + buffers, 0.0, image)
+        per_stage = ", ".join(f"{k} {v / gib:.2f}" for k, v in step.activations_by_stage.items())
         lines.append(
-            f"activations, {label}: {sum(act.values()) * micro / gib:.2f} GiB per rank "
-            f"at micro-batch {micro} (estimate)"
+            f"{label}, micro-batch {micro}: peak {step.peak / gib:.2f} GiB per rank "
+            f"(activations GiB: {per_stage}; peak during {step.peak_at})"
         )
+    lines.append("for a whole cluster: python -m coatnet_scale.plan --help")
     lines.append("DeepSpeed config:")
     lines.append(json.dumps(to_deepspeed_config(cfg, world), indent=2))
     return "\n".join(lines)

@@ -4,15 +4,15 @@ The paper's "FLOPs" are multiply-accumulates (spec section 3.2: torch's FlopCoun
 these numbers on timm's coatnet_0_224). Counted: convolutions, linear layers, the SE layers and the
 two attention matmuls (QK^T and AV), i.e. exactly the ops torch's FlopCounterMode counts. Not
 counted: norms, activations, pooling, softmax and the relative-bias add, which is why these counts
-come out 1-3.5% below the paper's (spec section 3.2). The planner and the MFU estimate build on
-this module.
+come out 1-3.5% below the paper's (spec section 3.2). The planner, the MFU estimate and the
+memory footprint (`footprint.py`) build on this module.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coatnet_scale.models.config import STAGE_NAMES, ModelConfig, Segment
+from coatnet_scale.models.config import STAGE_NAMES, ModelConfig
 from coatnet_scale.models.layers import FFN_EXPANSION, MBCONV_EXPANSION, SE_RATIO
 
 
@@ -52,39 +52,63 @@ def _transformer_macs(dim_in: int, dim_out: int, side_in: int, stride: int) -> i
     return macs
 
 
-def _segment_macs(
-    seg: Segment, first_in_stage: bool, dim_in: int, side_in: int, stride_on: str
-) -> tuple[int, int]:
-    macs = 0
-    for i in range(seg.depth):
-        stride = 2 if first_in_stage and i == 0 else 1
-        if seg.block == "mbconv":
-            macs += _mbconv_macs(dim_in, seg.width, side_in, stride, stride_on)
-        else:
-            macs += _transformer_macs(dim_in, seg.width, side_in, stride)
-        side_in //= stride
-        dim_in = seg.width
-    return macs, side_in
+@dataclass(frozen=True)
+class BlockSpec:
+    """Shape of one block of S1..S4: what both the MAC and the memory counts read."""
+
+    stage: str
+    kind: str  # "mbconv" or "transformer"
+    dim_in: int
+    dim_out: int
+    side_in: int  # side of the (square) input feature map
+    stride: int  # 2 for the first block of a stage, else 1
+
+    @property
+    def side_out(self) -> int:
+        return self.side_in // self.stride
+
+
+def block_specs(cfg: ModelConfig) -> list[BlockSpec]:
+    """Every block of S1..S4 in forward order [P Table 3; A.2 for the split S3 of CoAtNet-6/7]."""
+    arch = cfg.arch()
+    side, dim = cfg.image_size // 2, arch.stem_width
+    specs = []
+    for name, segments in zip(STAGE_NAMES[1:], arch.stages, strict=True):
+        for seg_index, seg in enumerate(segments):
+            for i in range(seg.depth):
+                stride = 2 if seg_index == 0 and i == 0 else 1
+                specs.append(BlockSpec(name, seg.block, dim, seg.width, side, stride))
+                side, dim = side // stride, seg.width
+    return specs
+
+
+def block_macs(spec: BlockSpec, stride_on: str) -> int:
+    """Forward MACs per image of one block."""
+    if spec.kind == "mbconv":
+        return _mbconv_macs(spec.dim_in, spec.dim_out, spec.side_in, spec.stride, stride_on)
+    return _transformer_macs(spec.dim_in, spec.dim_out, spec.side_in, spec.stride)
+
+
+def stem_macs(cfg: ModelConfig) -> int:
+    side, width = cfg.image_size // 2, cfg.arch().stem_width
+    return 9 * cfg.in_chans * width * side**2 + 9 * width**2 * side**2
+
+
+def head_macs(cfg: ModelConfig) -> int:
+    dim = cfg.arch().stages[-1][-1].width
+    return dim * cfg.num_classes + (dim * dim if cfg.head == "gap_ln_prelogits_fc" else 0)
 
 
 def stage_macs(cfg: ModelConfig) -> list[StageMacs]:
     """Forward MACs per image for stem, S1..S4 and the head, at `cfg.image_size`."""
     arch = cfg.arch()
-    side = cfg.image_size // 2
-    stem = 9 * cfg.in_chans * arch.stem_width * side**2 + 9 * arch.stem_width**2 * side**2
-    rows = [StageMacs("stem", stem, arch.stem_width, side)]
-    dim = arch.stem_width
-    for name, segments in zip(STAGE_NAMES[1:], arch.stages, strict=True):
-        macs = 0
-        for seg_index, seg in enumerate(segments):
-            seg_macs, side = _segment_macs(seg, seg_index == 0, dim, side, cfg.mbconv_stride)
-            macs += seg_macs
-            dim = seg.width
-        rows.append(StageMacs(name, macs, dim, side))
-    head = dim * cfg.num_classes
-    if cfg.head == "gap_ln_prelogits_fc":
-        head += dim * dim
-    rows.append(StageMacs("head", head, cfg.num_classes, 1))
+    rows = [StageMacs("stem", stem_macs(cfg), arch.stem_width, cfg.image_size // 2)]
+    specs = block_specs(cfg)
+    for name in STAGE_NAMES[1:]:
+        stage = [s for s in specs if s.stage == name]
+        macs = sum(block_macs(s, cfg.mbconv_stride) for s in stage)
+        rows.append(StageMacs(name, macs, stage[-1].dim_out, stage[-1].side_out))
+    rows.append(StageMacs("head", head_macs(cfg), cfg.num_classes, 1))
     return rows
 
 
@@ -96,54 +120,3 @@ def total_macs(cfg: ModelConfig) -> int:
 def training_flops_per_image(cfg: ModelConfig) -> int:
     """FLOPs of one training step per image: forward + backward = 3 forwards, 2 FLOPs per MAC."""
     return 6 * total_macs(cfg)
-
-
-def activation_bytes_per_image(
-    cfg: ModelConfig, bytes_per_element: int, checkpointed: tuple[str, ...] = ()
-) -> dict[str, int]:
-    """Rough activation memory kept for the backward pass, per image: per stage, plus
-    "recompute", the working set of the largest checkpointed block while it is recomputed.
-
-    Counts the tensors autograd saves per block (MBConv: the input and about 7 hidden-width maps
-    plus 2 output-width ones; Transformer: the input, q/k/v and projections, the attention
-    logits and probabilities, the FFN's two 4D-wide maps). A checkpointed stage keeps only its
-    blocks' inputs. An estimate to compare configurations, not a measurement (issue 7 calibrates
-    it against measured peaks).
-    """
-    arch = cfg.arch()
-    side = cfg.image_size // 2
-    stem_block = cfg.in_chans * (2 * side) ** 2 + 3 * arch.stem_width * side * side
-    blocks: dict[str, list[tuple[int, int]]] = {
-        "stem": [(cfg.in_chans * (2 * side) ** 2, stem_block)]
-    }
-    dim = arch.stem_width
-    for name, segments in zip(STAGE_NAMES[1:], arch.stages, strict=True):
-        blocks[name] = []
-        for seg_index, seg in enumerate(segments):
-            for i in range(seg.depth):
-                side_out = side // 2 if seg_index == 0 and i == 0 else side
-                pixels = side_out * side_out
-                block_input = dim * side * side
-                if seg.block == "mbconv":
-                    hidden = MBCONV_EXPANSION * seg.width
-                    saved = block_input + 7 * hidden * pixels + 2 * seg.width * pixels
-                else:
-                    heads = seg.width // arch.head_dim
-                    saved = (
-                        block_input
-                        + 6 * seg.width * pixels
-                        + 2 * heads * pixels * pixels
-                        + 2 * FFN_EXPANSION * seg.width * pixels
-                    )
-                blocks[name].append((block_input, saved))
-                side, dim = side_out, seg.width
-    out = {}
-    recompute = 0
-    for name, items in blocks.items():
-        if name in checkpointed:
-            out[name] = sum(block_input for block_input, _ in items)
-            recompute = max(recompute, max(saved for _, saved in items))
-        else:
-            out[name] = sum(saved for _, saved in items)
-    out["recompute"] = recompute
-    return {k: v * bytes_per_element for k, v in out.items()}
