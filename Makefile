@@ -42,10 +42,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)  ## every benchmark in bench/, results in bench/results.json
+bench: $(STAMP)  ## every benchmark in bench/: bench/results.json and the table bench/results.md
 	$(PY) bench/model_step.py
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/checkpoint_io.py
+	$(PY) bench/activation_checkpointing.py
+	$(PY) bench/zero_memory.py
+	$(PY) bench/planner_accuracy.py
+	$(PY) bench/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

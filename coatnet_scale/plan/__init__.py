@@ -24,12 +24,14 @@ from coatnet_scale.plan.cost import StepTime, step_time
 from coatnet_scale.plan.hardware import GIB, PRESETS, Hardware
 from coatnet_scale.plan.memory import ModelStates, StepMemory, model_states, step_peak
 
-# Checkpointing policies worth comparing: early stages first (largest activations, cheapest to
-# recompute per byte), then everything. Names are what `activation_checkpointing` takes.
+# Checkpointing policies worth comparing: the MBConv stages first (high-resolution maps, cheap
+# to recompute per byte kept), S3 alone (the deep Transformer stage that holds most activations
+# of CoAtNet-5..7), then more. The overlay turns a name into `activation_checkpointing` settings.
 POLICIES: dict[str, tuple[str, ...]] = {
     "none": (),
     "stem+s1": ("stem", "s1"),
     "stem..s2": ("stem", "s1", "s2"),
+    "s3": ("s3",),
     "stem..s3": ("stem", "s1", "s2", "s3"),
     "all": STAGE_NAMES,
 }

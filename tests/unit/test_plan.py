@@ -13,7 +13,7 @@ from coatnet_scale.memory import track_allocations
 from coatnet_scale.models import STAGE_NAMES, ModelConfig, build_model
 from coatnet_scale.models.coatnet import _to_layout
 from coatnet_scale.models.footprint import unit_footprints
-from coatnet_scale.plan import PRESETS, Cluster, overlay, plan, recommend
+from coatnet_scale.plan import POLICIES, PRESETS, Cluster, overlay, plan, recommend
 from coatnet_scale.plan.__main__ import main as plan_main
 from coatnet_scale.plan.check import measure_step_peak
 from coatnet_scale.plan.cost import comm_bytes_per_step
@@ -154,3 +154,11 @@ def test_emitted_overlay_is_a_valid_config(tmp_path, capsys) -> None:
     assert cfg.train.micro_batch_size == best.micro_batch
     assert cfg.train.global_batch_size == 4096
     assert yaml.safe_load(out.read_text()) == overlay(best, cfg.model, 4096, "bf16")
+
+
+def test_check_command_measures_every_policy(capsys) -> None:
+    plan_main(["--model", "coatnet_debug", "--image-size", "64", "--check", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    ratios = [float(row.split("|")[4]) for row in rows[1:]]
+    assert len(ratios) == len(POLICIES)
+    assert all(0.85 <= r <= 1.15 for r in ratios)
