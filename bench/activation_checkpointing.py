@@ -8,7 +8,8 @@ each policy of `coatnet_scale.plan.POLICIES` (none, stem+s1, stem..s2, stem..s3,
 - peak memory of the step: model states alive at its start plus the peak of the tensors
   allocated during it (`coatnet_scale.memory.track_allocations`, the profiler's CPU allocation
   events), next to the planner's prediction;
-- step time: median of `repeats` steps after a warm-up, without the profiler.
+- step time: median of `repeats` steps after a warm-up, without the profiler; the policies take
+  turns step by step (forward, then reversed order) so that the machine's drift hits all alike.
 Ratios are against the no-checkpointing step of the same run. Goal (issue 7): full block
 checkpointing <= 0.40x the memory and <= 1.35x the time.
 """
@@ -33,23 +34,37 @@ from coatnet_scale.plan import POLICIES
 from coatnet_scale.plan.check import measure_step_peak
 
 
-def step_seconds(cfg: ModelConfig, batch: int, stages: tuple[str, ...], repeats: int) -> float:
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    if stages:
-        model.set_grad_checkpointing(True, stages)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+def step_seconds(
+    cfg: ModelConfig, batch: int, policies: dict[str, tuple[str, ...]], repeats: int
+) -> dict[str, float]:
+    """Median step time per policy. All models live at once and take turns, one step each, in
+    forward then reversed order, so slow drift of this shared machine hits every policy alike."""
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
     labels = torch.randint(0, cfg.num_classes, (batch,))
-    times = []
-    for i in range(repeats + 1):
+    runs = {}
+    for name, stages in policies.items():
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        if stages:
+            model.set_grad_checkpointing(True, stages)
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False))
+
+    def step(name: str) -> float:
+        model, optimizer = runs[name]
         optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
         F.cross_entropy(model(images), labels).backward()
         optimizer.step()
-        if i:  # the first step allocates AdamW's moments
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    for name in runs:
+        step(name)  # warm-up; creates AdamW's moments
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            times[name].append(step(name))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -57,7 +72,7 @@ def main() -> None:
     parser.add_argument("--model", default="coatnet1")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,13 +81,13 @@ def main() -> None:
     rows = {}
     for name, stages in POLICIES.items():
         peak = measure_step_peak(cfg, args.batch_size, stages)
-        seconds = step_seconds(cfg, args.batch_size, stages, args.repeats)
         rows[name] = {
             "measured_peak_mib": round(peak.measured_peak / 2**20, 1),
             "predicted_peak_mib": round(peak.predicted_peak / 2**20, 1),
-            "step_s": round(seconds, 3),
         }
         print(f"{name}: {rows[name]}", flush=True)
+    for name, seconds in step_seconds(cfg, args.batch_size, POLICIES, args.repeats).items():
+        rows[name]["step_s"] = round(seconds, 3)
     base = rows["none"]
     for row in rows.values():
         row["memory_vs_none"] = round(row["measured_peak_mib"] / base["measured_peak_mib"], 3)
