@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.zero_memory import run  # noqa: E402
+from bench.zero_memory import run
 
 
 def test_model_states_per_rank_match_zero_formulas() -> None:
