@@ -19,13 +19,16 @@ RESOLUTIONS = (224, 512)
 CLUSTERS = ((1, 8), (8, 8), (64, 8))  # nodes x GPUs per node: 8, 64, 512 GPUs
 
 
-def describe(c: Candidate | None) -> str:
+def describe(c: Candidate | None, brief: bool = False) -> str:
+    """A table cell (or, brief, a phrase) for a configuration; None: nothing fits."""
     if c is None:
-        return "does not fit | - | - | - | - | -"
+        return "does not fit" if brief else "does not fit | - | - | - | - | -"
+    config = f"ZeRO-{c.zero_stage}, ckpt {c.policy}, micro {c.micro_batch}"
+    if brief:
+        return f"{config}: {c.images_per_s:.0f} img/s"
     return (
-        f"ZeRO-{c.zero_stage}, ckpt {c.policy}, micro {c.micro_batch} x {c.micro_steps} | "
-        f"{c.memory_bytes / GIB:.1f} | {c.images_per_s:.0f} | {c.mfu:.0%} | "
-        f"{c.time.step_s:.2f} | {c.time.bound}"
+        f"{config} x {c.micro_steps} | {c.memory_bytes / GIB:.1f} | {c.images_per_s:.0f} | "
+        f"{c.mfu:.0%} | {c.time.step_s:.2f} | {c.time.bound}"
     )
 
 
@@ -52,18 +55,9 @@ def main() -> None:
                 candidates = plan(model, cluster, args.global_batch)
                 no_ckpt = best_where(candidates, lambda c: c.policy == "none")
                 zero3 = best_where(candidates, lambda c: c.zero_stage == 3)
-
-                def short(c: Candidate | None) -> str:
-                    if c is None:
-                        return "does not fit"
-                    return (
-                        f"ZeRO-{c.zero_stage} {c.policy} micro {c.micro_batch}: "
-                        f"{c.images_per_s:.0f} img/s"
-                    )
-
                 print(
                     f"| {name} | {size} | {cluster.world} | {describe(recommend(candidates))} | "
-                    f"{short(no_ckpt)} | {short(zero3)} |"
+                    f"{describe(no_ckpt, brief=True)} | {describe(zero3, brief=True)} |"
                 )
 
 
