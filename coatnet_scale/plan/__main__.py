@@ -76,8 +76,8 @@ def cluster_from(args: argparse.Namespace) -> Cluster:
 def table(candidates: Sequence[Candidate], top: int) -> str:
     """The candidates as a markdown table (GiB per device, seconds, images/s per device)."""
     head = (
-        "| ZeRO | checkpointing | micro | accum | params+grads+optim GiB | buffers GiB | "
-        "activations GiB (stem/s1/s2/s3/s4/head) | peak GiB | fits | TMACs/step | "
+        "| ZeRO | checkpointing | micro | accum | params GiB | grads GiB | optimizer GiB | "
+        "buffers GiB | activations GiB (stem/s1/s2/s3/s4/head) | peak GiB | fits | TMACs/step | "
         "comm GB/step | step s | img/s/GPU | MFU | limited by |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -87,7 +87,8 @@ def table(candidates: Sequence[Candidate], top: int) -> str:
         )
         rows.append(
             f"| {c.zero_stage} | {c.policy} | {c.micro_batch} | {c.micro_steps} | "
-            f"{c.states.total / GIB:.2f} | {c.buffers / GIB:.2f} | {acts} | "
+            f"{c.states.params / GIB:.2f} | {c.states.grads / GIB:.2f} | "
+            f"{c.states.optimizer / GIB:.2f} | {c.buffers / GIB:.2f} | {acts} | "
             f"{c.memory_bytes / GIB:.1f} | {'yes' if c.fits else 'no'} | "
             f"{c.macs_per_step / 1e12:.1f} | {c.time.comm_bytes / 1e9:.1f} | {c.time.step_s:.3f} | "
             f"{c.images_per_s:.0f} | {c.mfu:.0%} | {c.time.bound} |"
