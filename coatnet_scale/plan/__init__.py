@@ -68,10 +68,6 @@ class Candidate:
     mfu: float
 
 
-def checkpointed_stages(policy: str) -> tuple[str, ...]:
-    return POLICIES[policy]
-
-
 def buffer_bytes(
     units: Sequence[UnitFootprint], zero_stage: int, reduce_bucket: int, grad_bytes: int
 ) -> float:
@@ -110,7 +106,7 @@ def evaluate(
     states = model_states(params, zero_stage, world, dtype, offload_optimizer)
     buffers = buffer_bytes(units, zero_stage, reduce_bucket, act_bytes)
     input_bytes = micro_batch * model.in_chans * model.image_size**2 * act_bytes
-    ckpt = checkpointed_stages(policy)
+    ckpt = POLICIES[policy]
     memory = step_peak(units, micro_batch, ckpt, states.total + buffers, 0.0, input_bytes)
     time = step_time(
         units, micro_batch, micro_steps, ckpt, zero_stage, world, cluster.gpus_per_node, hw
@@ -196,7 +192,7 @@ def recommend(candidates: Sequence[Candidate]) -> Candidate | None:
 
 def overlay(candidate: Candidate, model: ModelConfig, global_batch: int, dtype: str) -> dict:
     """The recommended configuration as a config overlay for `launch/pretrain.py --config`."""
-    stages = checkpointed_stages(candidate.policy)
+    stages = POLICIES[candidate.policy]
     if not stages:
         checkpointing: dict = {"policy": "none"}
     elif set(stages) == set(STAGE_NAMES):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from coatnet_scale.memory import optimizer_state_bytes, tensor_bytes, track_allocations
 from coatnet_scale.models import ModelConfig, build_model
-from coatnet_scale.models.footprint import AttentionKernel, unit_footprints
+from coatnet_scale.models.footprint import unit_footprints
 from coatnet_scale.plan.memory import model_states, step_peak
 
 
@@ -43,7 +43,6 @@ def measure_step_peak(
     batch: int,
     checkpointed: Collection[str] = (),
     device: str = "cpu",
-    attention: AttentionKernel | None = None,
 ) -> PeakCheck:
     """Measured and predicted peak memory of one fp32 training step (the second: the first
     creates AdamW's moments)."""
@@ -68,7 +67,8 @@ def measure_step_peak(
     params = sum(p.numel() for p in model.parameters())
     states = model_states(params, 0, 1, "fp32").total
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    kernel = attention or ("fused" if torch.device(device).type == "cuda" else "math")
+    # the attention kernel PyTorch picks for a bias that needs a gradient (models/footprint.py)
+    kernel = "fused" if torch.device(device).type == "cuda" else "math"
     predicted = step_peak(
         unit_footprints(cfg, 4, kernel),
         batch,
