@@ -81,10 +81,10 @@ def worker(out: Path, model_name: str, repeats: int) -> None:
     from coatnet_scale.distributed.engine import (
         build_engine,
         build_sharded_model,
+        init_process_group,
         to_deepspeed_config,
     )
     from coatnet_scale.distributed.env import dist_env
-    from coatnet_scale.train import init_process_group
 
     cfg, _ = parse_config_args(
         [
@@ -100,12 +100,12 @@ def worker(out: Path, model_name: str, repeats: int) -> None:
         config_parser("bench"),
     )
     env = dist_env()
-    init_process_group(cfg, env)
+    device = init_process_group(cfg, env).device
     rank, world = dist.get_rank(), dist.get_world_size()
 
     def engine_and_step():
         ds_config = to_deepspeed_config(cfg, world)
-        engine = build_engine(build_sharded_model(cfg.model, 2, ds_config), cfg, ds_config)
+        engine = build_engine(build_sharded_model(cfg.model, 2, ds_config, device), cfg, ds_config)
         images = torch.randn(2, 3, 64, 64)
         labels = torch.randint(0, cfg.model.num_classes, (2,))
         loss = torch.nn.functional.cross_entropy(engine(images), labels)
@@ -163,7 +163,7 @@ def worker(out: Path, model_name: str, repeats: int) -> None:
     start = time.perf_counter()
     found = checkpoint.find_resume(cfg.checkpoint, out / "run", quiet)
     ds_config = to_deepspeed_config(cfg, world)
-    engine = build_engine(build_sharded_model(cfg.model, 2, ds_config), cfg, ds_config)
+    engine = build_engine(build_sharded_model(cfg.model, 2, ds_config, device), cfg, ds_config)
     checkpoint.load(engine, checkpoint.LoadPlan(found.parent, found.name, universal=False))
     images = torch.randn(2, 3, 64, 64)
     labels = torch.randint(0, cfg.model.num_classes, (2,))

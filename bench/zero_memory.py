@@ -63,13 +63,14 @@ def worker(model_name: str, dtype: str, image_size: int, out: Path) -> None:
     from coatnet_scale.distributed.engine import (
         build_engine,
         build_sharded_model,
+        init_process_group,
         to_deepspeed_config,
     )
     from coatnet_scale.distributed.env import dist_env
     from coatnet_scale.memory import track_allocations
     from coatnet_scale.models import build_model
     from coatnet_scale.plan.memory import model_states
-    from coatnet_scale.train import DTYPES, init_process_group
+    from coatnet_scale.train import DTYPES
 
     env = dist_env()
     results = {}
@@ -84,13 +85,15 @@ def worker(model_name: str, dtype: str, image_size: int, out: Path) -> None:
         ]
         cfg, _ = parse_config_args(["--model", model_name, *overrides], config_parser("bench"))
         if stage == STAGES[0]:
-            init_process_group(cfg, env)
+            device = init_process_group(cfg, env).device
         ds_config = to_deepspeed_config(cfg, env.world_size)
         images = torch.randn(2, 3, image_size, image_size, dtype=DTYPES[dtype])
         labels = torch.randint(0, cfg.model.num_classes, (2,))
         gc.collect()
         with track_allocations() as allocations:
-            engine = build_engine(build_sharded_model(cfg.model, stage, ds_config), cfg, ds_config)
+            engine = build_engine(
+                build_sharded_model(cfg.model, stage, ds_config, device), cfg, ds_config
+            )
             for micro in range(3):  # one optimizer step, then stop after the next micro-batch
                 loss = torch.nn.functional.cross_entropy(engine(images).float(), labels)
                 engine.backward(loss)

@@ -177,6 +177,9 @@ class PrecisionConfig:
     loss_scale_window: int = option(1000, "fp16: steps without overflow before the scale grows")
     hysteresis: int = option(2, "fp16: overflows tolerated before the scale shrinks")
     min_loss_scale: float = option(1.0, "fp16: smallest loss scale")
+    tf32: bool = option(
+        True, "GPUs: fp32 matmuls and convolutions in TF32 (the fp32 parts of a bf16/fp16 run too)"
+    )
 
     def validate(self) -> None:
         for key in ("initial_scale_power", "loss_scale_window", "hysteresis"):
@@ -288,6 +291,11 @@ class LoggingConfig:
 class DistributedConfig:
     """Process group, collective timeouts and SLURM requeue."""
 
+    device: Literal["auto", "cuda", "cpu"] = option(
+        "auto",
+        "auto: the rank's GPU when torch can use one, the CPU when the machine has no GPU (GPUs "
+        "that torch cannot use are an error); cuda: a GPU or an error; cpu: the CPU on purpose",
+    )
     backend: Literal["auto", "nccl", "gloo"] = option("auto", "auto: the accelerator's backend")
     timeout_minutes: float = option(30.0, "collective timeout before a hung job exits")
     max_requeues: int = option(10, "SLURM: stop requeueing after this many restarts")

@@ -18,6 +18,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -105,3 +106,42 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         for value in state.values()
         if isinstance(value, torch.Tensor)
     )
+
+
+def device_memory_metrics(device: torch.device) -> dict[str, float]:
+    """Memory figures for the metrics log, in MiB, since the previous call (peaks are reset).
+
+    CUDA: the allocator's peak allocated and reserved bytes on `device` (the rank's own GPU, not
+    the current one), the device's free memory, and what other users of the device hold besides
+    the allocator's reservation (CUDA context, NCCL buffers, cuDNN workspaces). CPU: the process's
+    peak resident set (never reset) and the host's available memory.
+    """
+    mib = 2**20
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        metrics = {
+            "memory_mb": torch.cuda.max_memory_allocated(device) / mib,
+            "memory_reserved_mb": torch.cuda.max_memory_reserved(device) / mib,
+            "memory_free_mb": free / mib,
+            "memory_other_mb": max(0, total - free - reserved) / mib,
+        }
+        torch.cuda.reset_peak_memory_stats(device)
+        return metrics
+    import resource
+
+    return {
+        "memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "memory_free_mb": host_memory_free() / mib,
+    }
+
+
+def host_memory_free() -> int:
+    """Bytes of memory the host can still give (MemAvailable), 0 where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

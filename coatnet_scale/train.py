@@ -1,21 +1,20 @@
 """train(cfg): the pretraining loop, readable top to bottom.
 
-Set-up (process group, run folder, data, model, engine, EMA, logging), then one loop over
-optimizer steps: data -> forward/backward per micro-batch -> step -> non-finite guard -> log ->
+Set-up (device and process group, run folder, data, model, engine, EMA, logging), then one loop
+over optimizer steps: data -> forward/backward per micro-batch -> step -> step guard -> log ->
 eval -> checkpoint. Everything configurable comes from the frozen config tree; runtime facts (rank,
-world size, device) live in `DistEnv` and local variables, never in the config.
+world size, device) live in `DistEnv`, the device binding and local variables, never in the config.
+Every tensor the loop makes lives on the engine's device, the one this rank bound before the
+process group started (`distributed/device.py`).
 """
 
 from __future__ import annotations
 
-import math
-import os
+import json
 import random
 import time
-from datetime import timedelta
 from pathlib import Path
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -24,106 +23,92 @@ from coatnet_scale import checkpoint
 from coatnet_scale.checkpoint import TrainerState, checkpoint_root
 from coatnet_scale.config import Config, config_hash, dump_yaml, to_dict
 from coatnet_scale.data.pipeline import BatchPlan, build_eval_loader, build_train_loader, seed_for
-from coatnet_scale.data.transforms import build_mixup, normalize
+from coatnet_scale.data.transforms import Normalizer, build_mixup
+from coatnet_scale.distributed.collectives import any_rank, global_mean
+from coatnet_scale.distributed.device import (
+    DeviceBinding,
+    DeviceError,
+    check_distinct_devices,
+    describe_rank,
+    rank_report,
+)
 from coatnet_scale.distributed.engine import (
     build_engine,
     build_sharded_model,
+    init_process_group,
     load_initial_weights,
     save_deepspeed_config,
     to_deepspeed_config,
 )
-from coatnet_scale.distributed.env import DistEnv, dist_env
+from coatnet_scale.distributed.env import dist_env
+from coatnet_scale.ema import WeightEma, check_ema_supported
+from coatnet_scale.guard import NonFiniteError, StepGuard
 from coatnet_scale.logging import RunLogger, redact, rewind_metrics
 from coatnet_scale.losses import classification_loss
+from coatnet_scale.memory import device_memory_metrics
 from coatnet_scale.models.flops import total_macs
 from coatnet_scale.optim import lr_at, set_lr
 from coatnet_scale.stop import StopRequest
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RANK_LINES_SHOWN = 16  # larger jobs: a summary on the console, every rank in RUN/ranks.json
+
+__all__ = ["DTYPES", "NonFiniteError", "WeightEma", "check_ema_supported", "train"]
 
 
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+def seed_weights(seed: int) -> None:
+    """The generators that draw the initial weights: the same seed on every rank (and every
+    device generator), so every rank builds the same model."""
+    torch.manual_seed(seed)
 
 
-class WeightEma:
-    """EMA of the weights in fp32 on each rank (ZeRO 0-2, where every rank holds all weights).
-
-    Under ZeRO-3 a rank holds only its partition, so a full-weight EMA would be wrong: that case
-    is refused up front (`check_ema_supported`).
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for name, param in model.named_parameters():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def swap(self, model: torch.nn.Module) -> None:
-        """Exchange the model's weights with the EMA's (call twice to restore)."""
-        for name, param in model.named_parameters():
-            current = param.detach().float().clone()
-            param.copy_(self.shadow[name].to(param.dtype))
-            self.shadow[name] = current
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Per-rank streams for everything drawn during training (python, numpy, torch on the CPU and
+    every GPU): stochastic depth and dropout masks differ between ranks, as if each rank's
+    micro-batch were part of one big batch. Restored from the checkpoint on resume."""
+    random.seed(seed_for(seed, rank, 1))
+    np.random.seed(seed_for(seed, rank, 2) % (1 << 32))
+    torch.manual_seed(seed_for(seed, rank, 3))
 
 
-def check_ema_supported(cfg: Config) -> None:
-    if cfg.train.ema_decay > 0 and cfg.zero.stage == 3:
-        raise ValueError(
-            "train.ema_decay needs zero.stage <= 2: under ZeRO-3 each rank holds only a shard of "
-            "the weights and a sharded EMA is not implemented yet"
-        )
-
-
-def init_process_group(cfg: Config, env: DistEnv) -> None:
-    os.environ.update(env.export())  # srun: map SLURM's variables to the torch ones
-    backend = None if cfg.distributed.backend == "auto" else cfg.distributed.backend
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        timeout=timedelta(minutes=cfg.distributed.timeout_minutes),
+def report_ranks(binding: DeviceBinding, rank: int, run_dir: Path, notes: list[str]) -> None:
+    """Every rank's host, device, CPU affinity and free memory, gathered on rank 0: written to
+    RUN/ranks.json and shown (a summary for large jobs). Two ranks on one GPU stop the run."""
+    reports: list[dict] = [{}] * dist.get_world_size()
+    dist.all_gather_object(reports, rank_report(rank, binding))
+    check_distinct_devices(reports)
+    if rank != 0:
+        return
+    (run_dir / "ranks.json").write_text(json.dumps(reports, indent=1) + "\n")
+    if len(reports) <= RANK_LINES_SHOWN:
+        notes.extend(describe_rank(r) for r in reports)
+        return
+    cpus = [len(r["cpus"]) for r in reports]
+    free = [r.get("gpu_free_gib", r["host_free_gib"]) for r in reports]
+    hosts = {r["host"] for r in reports}
+    notes.append(
+        f"{len(reports)} ranks on {len(hosts)} host(s): {min(cpus)}-{max(cpus)} CPUs per rank, "
+        f"{min(free)}-{max(free)} GiB free per device; every rank in {run_dir / 'ranks.json'}"
     )
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed_for(seed, rank, 1))
-    np.random.seed(seed_for(seed, rank, 2) % (1 << 32))
-    torch.manual_seed(seed)  # the same on every rank: identical initial weights
-
-
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise logical OR of `flags` over ranks (one tiny all-reduce)."""
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in t.tolist()]
-
-
-def global_mean(value: torch.Tensor, world_size: int) -> float:
-    """Mean of a scalar over ranks (one tiny all-reduce)."""
-    total = value.detach().float().reshape(1).clone()
-    dist.all_reduce(total)
-    return total.item() / world_size
-
-
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def loss_scale(engine) -> float | None:
+    """fp16's current dynamic loss scale (None without a scaler)."""
+    if not engine.fp16_enabled():
+        return None
+    return float(engine.optimizer.loss_scale)
 
 
 @torch.no_grad()
-def evaluate(engine, loader, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def evaluate(engine, loader, normalizer: Normalizer) -> dict[str, float]:
     """Top-1/top-5 over the validation shards, summed over ranks (each sample counted once)."""
+    device = engine.device
     engine.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct1, correct5, count
     for batch in loader:
-        logits = engine(normalize(batch["image"].to(device), dtype)).float()
-        labels, valid = batch["label"].to(device), batch["valid"].to(device)
+        logits = engine(normalizer(batch["image"].to(device, non_blocking=True))).float()
+        labels = batch["label"].to(device, non_blocking=True)
+        valid = batch["valid"].to(device, non_blocking=True)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5 == labels[:, None]
         totals[0] += (hit[:, 0] & valid).sum()
@@ -146,7 +131,7 @@ def restore_ema(ema: WeightEma | None, ckpt: Path, notes: list[str]) -> None:
     if saved is None:
         notes.append("the checkpoint has no EMA weights: the EMA restarts from the current weights")
         return
-    ema.shadow = {name: saved[name].clone() for name in ema.shadow}
+    ema.load(saved)
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -160,18 +145,16 @@ def train(cfg: Config) -> dict[str, float]:
     # ---- context ---------------------------------------------------------------------------
     check_ema_supported(cfg)
     env = dist_env()
-    init_process_group(cfg, env)
-    device = torch.device(deepspeed.get_accelerator().current_device_name())
-    if device.type != "cuda":
-        device = torch.device("cpu")
+    binding = init_process_group(cfg, env)  # the rank's device first, then the process group
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(redact(dump_yaml(cfg)))
     dist.barrier()
-    seed_everything(cfg.train.seed, env.rank)
-    dtype = DTYPES[cfg.precision.dtype]
     notes: list[str] = []  # set-up messages, printed once the logger exists
+    report_ranks(binding, env.rank, run_dir, notes)
+    seed_weights(cfg.train.seed)
+    dtype = DTYPES[cfg.precision.dtype]
 
     # ---- where the run starts ------------------------------------------------------------------
     resume_from = checkpoint.find_resume(cfg.checkpoint, run_dir, notes.append)
@@ -210,7 +193,7 @@ def train(cfg: Config) -> dict[str, float]:
             ds_config["checkpoint"] = {"load_universal": True}
     if env.is_main:
         save_deepspeed_config(ds_config, run_dir)
-    model = build_sharded_model(cfg.model, cfg.zero.stage, ds_config)
+    model = build_sharded_model(cfg.model, cfg.zero.stage, ds_config, binding.device)
     if saved is None and cfg.checkpoint.init_from:
         source = cfg.checkpoint.init_from
         state = checkpoint.initial_weights(Path(source), cfg.checkpoint.init_ema)
@@ -220,15 +203,24 @@ def train(cfg: Config) -> dict[str, float]:
             + (f"; newly initialised: {', '.join(fresh)}" if fresh else "")
         )
     engine = build_engine(model, cfg, ds_config)
-    ema = WeightEma(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    device = engine.device
+    if device != binding.device:
+        raise DeviceError(
+            f"DeepSpeed placed rank {env.rank}'s model on {device}, but the rank is bound to "
+            f"{binding.device} (LOCAL_RANK={env.local_rank}); report this with RUN/ranks.json"
+        )
+    ema = WeightEma(engine.module, cfg.train.ema_decay, device) if cfg.train.ema_decay > 0 else None
+    normalizer = Normalizer(device, dtype)
     flops_per_image = 6 * total_macs(cfg.model)
+    guard = StepGuard(cfg.train.max_nonfinite_steps, cfg.precision.min_loss_scale)
 
-    start_step, skipped_total = 0, 0
+    start_step = 0
     if saved is not None and load_plan is not None:
         checkpoint.load(engine, load_plan)
         train_loader.load_state_dict(saved.data)
         restore_ema(ema, resume_from, notes)
-        start_step, skipped_total = saved.step, saved.skipped_steps
+        start_step = saved.step
+        guard.skipped, guard.loss_scale_skips = saved.skipped_steps, saved.loss_scale_skips
         if env.is_main:
             moved = rewind_metrics(run_dir / "metrics.jsonl", start_step)
             if moved:
@@ -266,9 +258,10 @@ def train(cfg: Config) -> dict[str, float]:
             cfg,
             step,
             train_loader.state_dict(),
-            skipped_total,
+            guard.skipped,
             logger.wandb_run_id,
             env.world_size,
+            guard.loss_scale_skips,
         )
         checkpoint.save(
             engine,
@@ -281,16 +274,15 @@ def train(cfg: Config) -> dict[str, float]:
         )
 
     # Last thing before the loop: the RNG streams continue exactly where the checkpoint left them
-    # (same world size), or restart from a seed of (seed, step) on another world size.
-    if saved is not None and resume_from is not None:
-        same_world = saved.world_size == env.world_size
-        if not checkpoint.restore_rng(resume_from, env.rank, same_world):
-            seed_everything(seed_for(cfg.train.seed, start_step), env.rank)
+    # (same world size), or restart from a seed of (seed, step) on another world size; a new run
+    # starts each rank's own streams.
+    same_world = saved is not None and saved.world_size == env.world_size
+    if resume_from is None or not checkpoint.restore_rng(resume_from, env.rank, same_world):
+        seed_rank_streams(seed_for(cfg.train.seed, start_step), env.rank)
 
     # ---- the loop --------------------------------------------------------------------------------
     stop = StopRequest()  # from here on a stop signal means: checkpoint, then exit cleanly
     batches = iter(train_loader)
-    skipped_in_a_row = 0
     final: dict[str, float] = {}
     window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
     last_save = time.monotonic()
@@ -298,56 +290,47 @@ def train(cfg: Config) -> dict[str, float]:
         for step in range(start_step, cfg.train.total_steps):
             lr = lr_at(step, cfg.optim.lr, cfg.schedule, cfg.train.total_steps)
             set_lr(engine.optimizer, lr)
+            scale_before = loss_scale(engine)
             losses = []
             for micro in range(plan.accumulation):
                 wait_start = time.perf_counter()
                 batch = next(batches)
                 window_wait += time.perf_counter() - wait_start
-                images = normalize(batch["image"].to(device, non_blocking=True), dtype)
-                targets = batch["label"].to(device)
+                images = normalizer(batch["image"].to(device, non_blocking=True))
+                targets = batch["label"].to(device, non_blocking=True)
+                valid = batch["valid"].to(device, non_blocking=True)
                 if mixup is not None:
                     np.random.seed(seed_for(cfg.train.seed, step, env.rank, micro) % (1 << 32))
                     images, targets = mixup(images, targets)
                 logits = engine(images)
                 loss = classification_loss(
-                    logits,
-                    targets,
-                    cfg.train.loss,
-                    cfg.train.label_smoothing,
-                    batch["valid"].to(device),
+                    logits, targets, cfg.train.loss, cfg.train.label_smoothing, valid
                 )
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.detach().float())
             window_images += cfg.train.global_batch_size
 
-            # Non-finite guard: DeepSpeed's ZeRO optimizer already skips a step whose global
-            # gradient norm is not finite (on every rank, the norm is all-reduced); here the loss
-            # is checked as well, the skip is counted and logged, and a run that keeps failing
-            # stops. The loss is the mean over all ranks (a NaN anywhere makes it NaN everywhere),
-            # so every rank takes the same decision and the logged value is the step's loss.
+            # The step guard (coatnet_scale/guard.py): DeepSpeed has already skipped an update
+            # whose gradients overflowed (on every rank: its check is all-reduced); the loss is
+            # the mean over all ranks, so every rank classifies the step the same way.
             loss_value = global_mean(torch.stack(losses).mean(), env.world_size)
             grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-            if finite:
-                skipped_in_a_row = 0
-                if ema is not None:
-                    ema.update(engine.module)
-            else:
-                skipped_in_a_row += 1
-                skipped_total += 1
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            applied = engine.was_step_applied()
+            outcome = guard.observe(loss_value, grad_norm, applied, scale_before)
+            if outcome == "applied" and ema is not None:
+                ema.update(engine.module)
+            elif outcome == "nonfinite":
                 logger.message(
-                    f"step {step + 1}: non-finite loss {loss_value} or gradient norm "
-                    f"{grad_norm}: update skipped on every rank"
-                )
-                if skipped_in_a_row >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteError(
-                        f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                        f"norm (limit train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
-                        "lower optim.lr, raise optim.grad_clip, or resume from an earlier "
-                        "checkpoint"
+                    f"step {step + 1}: non-finite loss {loss_value} or gradient norm {grad_norm}: "
+                    + (
+                        "update skipped on every rank"
+                        if not applied
+                        else "this optimizer applied the update anyway"
                     )
+                )
+                guard.check()
             logger.advance()
 
             done = step + 1
@@ -357,16 +340,21 @@ def train(cfg: Config) -> dict[str, float]:
                 metrics = {
                     "loss": loss_value,
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": float("nan") if grad_norm is None else grad_norm,
                     "img_per_s": img_per_s,
                     "step_time_s": elapsed * cfg.train.global_batch_size / window_images,
                     "data_wait_share": window_wait / elapsed,
-                    "memory_mb": memory_mb(device),
-                    "skipped_steps": skipped_total,
+                    **device_memory_metrics(device),
+                    "skipped_steps": guard.skipped,
                     "bad_samples": train_loader.bad_samples,
                     "mfu": flops_per_image * img_per_s / (cfg.logging.peak_flops * env.world_size),
                     "epoch": train_loader.state_dict()["epoch"],
                 }
+                if scale_before is not None:
+                    metrics |= {
+                        "loss_scale": loss_scale(engine),
+                        "loss_scale_skips": guard.loss_scale_skips,
+                    }
                 logger.log(done, metrics)
                 final.update(metrics)
                 window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
@@ -376,13 +364,13 @@ def train(cfg: Config) -> dict[str, float]:
                 last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
             ):
                 result = {
-                    f"val_{k}": v for k, v in evaluate(engine, eval_loader, device, dtype).items()
+                    f"val_{k}": v for k, v in evaluate(engine, eval_loader, normalizer).items()
                 }
                 if ema is not None:
                     ema.swap(engine.module)
                     result |= {
                         f"val_ema_{k}": v
-                        for k, v in evaluate(engine, eval_loader, device, dtype).items()
+                        for k, v in evaluate(engine, eval_loader, normalizer).items()
                     }
                     ema.swap(engine.module)
                 logger.log(done, result)

@@ -28,7 +28,7 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's: the rank's own GPU
     return state
 
 
@@ -57,6 +57,7 @@ class TrainerState:
     config: dict[str, Any]
     config_hash: str
     code_version: str
+    loss_scale_skips: int = 0  # fp16 loss-scale calibration skips (not in older checkpoints)
 
     @classmethod
     def of(
@@ -67,6 +68,7 @@ class TrainerState:
         skipped_steps: int,
         wandb_run_id: str | None,
         world_size: int,
+        loss_scale_skips: int = 0,
     ) -> TrainerState:
         return cls(
             step,
@@ -77,6 +79,7 @@ class TrainerState:
             to_dict(cfg),
             config_hash(cfg),
             code_version(),
+            loss_scale_skips,
         )
 
     def to_json(self) -> str:

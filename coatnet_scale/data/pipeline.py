@@ -526,6 +526,7 @@ def eval_loader(
         stream,
         batch_size=None,
         num_workers=min(num_workers, len(stream)),
+        pin_memory=torch.cuda.is_available(),
         generator=_own_generator(),
         worker_init_fn=_ignore_stop_signals,
     )

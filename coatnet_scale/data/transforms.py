@@ -6,7 +6,7 @@ JPEGs in PIL's draft mode when the region to be kept allows: libjpeg then decode
 1/8 scale directly (DCT scaling), which is several times faster than a full decode followed by a
 downscale, and never goes below the output resolution (no quality loss at the output size).
 
-Workers return uint8 tensors; `normalize` turns a batch into float on the consumer's side, which
+Workers return uint8 tensors; a `Normalizer` turns a batch into float on the consumer's side, which
 moves 4x fewer bytes between processes than float images.
 
 Every random choice for a sample is drawn from `random` seeded by the sample's slot in the run
@@ -113,11 +113,25 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+class Normalizer:
+    """uint8 (B, 3, H, W) batch -> normalised float in `dtype`, ImageNet mean/std (timm's).
+
+    The constants are made once, on the device, not rebuilt (and copied from the host) for every
+    micro-batch."""
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.shift = -mean
+        self.scale = 1 / (torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(torch.float32, copy=True).add_(self.shift).mul_(self.scale).to(self.dtype)
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalized float, ImageNet mean/std (timm's defaults)."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1) * 255
-    return ((images.float() - mean) / std).to(dtype)
+    """One-off `Normalizer` on the images' device (tools and tests; the loop keeps one)."""
+    return Normalizer(images.device, dtype)(images)
 
 
 def build_mixup(

@@ -11,6 +11,8 @@ by hand (STYLE_ANCHORS recommendation 4).
 from __future__ import annotations
 
 import json
+import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,30 @@ import torch
 import torch.distributed as dist
 
 from coatnet_scale.config import Config
+from coatnet_scale.distributed.device import DeviceBinding, bind_device, configure_cuda_math
+from coatnet_scale.distributed.env import DistEnv
 from coatnet_scale.models import CoAtNet, ModelConfig, adapt_state_dict, build_model
 from coatnet_scale.models.layers import init_module_
 from coatnet_scale.optim import build_optimizer, param_groups
 
 STEPS_PER_PRINT = 10**9  # we log ourselves; silence DeepSpeed's own step printing
+
+
+def init_process_group(cfg: Config, env: DistEnv) -> DeviceBinding:
+    """Bind this rank's device, then start the process group; returns the binding.
+
+    The device first (`distributed/device.py`): the process group's NCCL communicator, DeepSpeed's
+    engine and `zero.Init` all take the current device or LOCAL_RANK as theirs.
+    """
+    binding = bind_device(env.local_rank, env.local_world_size, cfg.distributed.device)
+    configure_cuda_math(cfg.precision.tf32)
+    os.environ.update(env.export(binding.index))  # srun: SLURM's variables as torch's
+    backend = None if cfg.distributed.backend == "auto" else cfg.distributed.backend
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        timeout=timedelta(minutes=cfg.distributed.timeout_minutes),
+    )
+    return binding
 
 
 def gradient_accumulation(cfg: Config, world_size: int) -> int:
@@ -81,22 +102,30 @@ def save_deepspeed_config(ds_config: dict, run_dir: Path) -> Path:
     return path
 
 
-def build_sharded_model(model_cfg: ModelConfig, zero_stage: int, ds_config: dict) -> CoAtNet:
-    """Build and initialise the model; under ZeRO-3 each rank only ever holds its partition."""
+def build_sharded_model(
+    model_cfg: ModelConfig, zero_stage: int, ds_config: dict, device: torch.device
+) -> CoAtNet:
+    """Build and initialise the model on this rank's device; under ZeRO-3 each rank only ever
+    holds its partition.
+
+    Every ZeRO stage starts from the same weights for the same seed, on CPU and GPU alike: the
+    weights are drawn by `init_weights` / `init_module_` in the same module order, from the
+    generator of the device they live on. Construction under `zero.Init` also runs PyTorch's
+    default initialisers (drawing from the CPU and the device generators, which the meta-device
+    build of ZeRO 0-2 does not), so both generators are restored afterwards.
+    """
     if zero_stage < 3:
-        device = deepspeed.get_accelerator().current_device_name()
-        model = build_model(model_cfg, device if torch.cuda.is_available() else "cpu")
+        model = build_model(model_cfg, device)
         # DeepSpeed broadcasts and flattens parameters through byte views, which need contiguous
         # tensors; the activations stay channels_last (the model converts its input), so the
         # convolutions still run in that layout.
         return model.to(memory_format=torch.contiguous_format)
-    # Construction under zero.Init runs PyTorch's default initialisers (they draw random numbers
-    # the meta-device build of ZeRO 0-2 does not); restore the generator afterwards so every
-    # stage starts from the same weights for the same seed.
-    rng_state = torch.random.get_rng_state()
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    generators = [device.index] if device.type == "cuda" else []
+    with (
+        torch.random.fork_rng(devices=generators, device_type="cuda"),
+        deepspeed.zero.Init(config_dict_or_path=ds_config),
+    ):
         model = CoAtNet(model_cfg)
-    torch.random.set_rng_state(rng_state)
     # zero.Init partitioned each module's parameters as it was built; initialise them one module
     # at a time with that module's partitions gathered (rank 0's values are kept).
     for module in model.modules():

@@ -41,11 +41,16 @@ class DistEnv:
     def node_rank(self) -> int:
         return self.rank // max(1, self.local_world_size)
 
-    def export(self) -> dict[str, str]:
-        """The torch-style variables `torch.distributed`'s env:// initialisation reads."""
+    def export(self, device_index: int | None = None) -> dict[str, str]:
+        """The torch-style variables `torch.distributed`'s env:// initialisation reads.
+
+        `device_index`: the CUDA device this rank was bound to (`distributed/device.py`), which
+        DeepSpeed reads from LOCAL_RANK; it differs from the local rank only when the scheduler
+        shows each task its own GPU alone.
+        """
         return {
             "RANK": str(self.rank),
-            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_RANK": str(self.local_rank if device_index is None else device_index),
             "WORLD_SIZE": str(self.world_size),
             "LOCAL_WORLD_SIZE": str(self.local_world_size),
             "MASTER_ADDR": self.master_addr,
@@ -53,20 +58,71 @@ class DistEnv:
         }
 
 
+SIMPLE_HOSTS = re.compile(r"^([^\[\],]+)(?:\[([0-9,\-]+)\])?$")
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def _expand_simple(item: str) -> list[str] | None:
+    """`n[01-03,7]` -> n01 n02 n03 n7; `gpu5` -> gpu5; None for any other form."""
+    match = SIMPLE_HOSTS.match(item)
+    if match is None:
+        return None
+    prefix, ranges = match.groups()
+    if ranges is None:
+        return [prefix]
+    hosts = []
+    for part in ranges.split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            return None
+        width = len(first)  # SLURM keeps the zero padding of the range's first number
+        hosts += [f"{prefix}{i:0{width}d}" for i in range(int(first), int(last or first) + 1)]
+    return hosts
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Every host of a SLURM node list, in order.
+
+    The simple forms (`n[01-04,07],gpu5`: one bracket group at the end of each name) are read
+    here, without a process; anything else (`rack[1-2]-n[01-04]`, nested groups) goes to
+    `scontrol show hostnames`, which knows every form SLURM writes.
+    """
+    hosts: list[str] = []
+    for item in _split_outside_brackets(nodelist.strip()):
+        expanded = _expand_simple(item)
+        if expanded is None:
+            return scontrol_hostnames(nodelist)
+        hosts += expanded
+    return hosts
+
+
+def scontrol_hostnames(nodelist: str) -> list[str]:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(
+            f"cannot expand the SLURM node list {nodelist!r}: `scontrol show hostnames` failed "
+            f"({err}); set MASTER_ADDR to the first host"
+        ) from None
+    return out.stdout.split()
+
+
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list (`n[1-3,7],gpu5` -> `n1`), without calling scontrol when
-    the list can be read directly; scontrol is the fallback for unusual forms."""
-    match = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if match:
-        prefix, _, ranges = match.groups()
-        if ranges is None:
-            return prefix
-        first = ranges.split(",")[0].split("-")[0]
-        return f"{prefix}{first}"
-    out = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
-    )
-    return out.stdout.split()[0]
+    """First host of a SLURM node list (`n[1-3,7],gpu5` -> `n1`)."""
+    return expand_nodelist(nodelist)[0]
 
 
 def slurm_port(job_id: str) -> int:

@@ -46,6 +46,7 @@ from coatnet_scale.checkpoint.layout import (
 )
 from coatnet_scale.cli import config_parser, parse_config_args
 from coatnet_scale.config import Config, TrainConfig
+from coatnet_scale.distributed.env import expand_nodelist
 from coatnet_scale.stop import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,12 +61,21 @@ def run_dir_override(cfg: Config, env: Mapping[str, str]) -> list[str]:
     return [f"train.run_dir=runs/{env['SLURM_JOB_NAME']}"]
 
 
-def srun_command(python: str, argv: Sequence[str], extra: Sequence[str]) -> list[str]:
-    """One training task per allocated task slot (the sbatch script asks one per GPU)."""
+def srun_command(
+    python: str, argv: Sequence[str], extra: Sequence[str], env: Mapping[str, str]
+) -> list[str]:
+    """One training task per allocated task slot (the sbatch script asks one per GPU).
+
+    `--cpus-per-task` is passed on explicitly: since SLURM 22.05 srun no longer inherits it from
+    the allocation, and a task would get one CPU for its loader workers, pinned-memory copies and
+    NCCL threads (https://slurm.schedmd.com/srun.html#OPT_cpus-per-task).
+    """
+    cpus = env.get("SLURM_CPUS_PER_TASK")
     return [
         "srun",
         "--kill-on-bad-exit=1",  # a task that dies ends the step instead of leaving others hung
         "--wait=120",  # a task that exits early (cleanly) does not wait forever for the rest
+        *([f"--cpus-per-task={cpus}"] if cpus else []),
         python,
         "-u",
         str(PRETRAIN),
@@ -114,10 +124,7 @@ def newest_step(run_dir: Path) -> int:
 
 def hostfile(nodelist: str, slots: int) -> str:
     """A DeepSpeed hostfile (`host slots=N` per node) for the allocation's nodes."""
-    hosts = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
-    ).stdout.split()
-    return "".join(f"{host} slots={slots}\n" for host in hosts)
+    return "".join(f"{host} slots={slots}\n" for host in expand_nodelist(nodelist))
 
 
 def log(message: str) -> None:
@@ -144,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     restarts = int(env.get("SLURM_RESTART_COUNT", "0"))
     extra = run_dir_override(cfg, env)
     run_dir = Path(extra[0].split("=", 1)[1] if extra else cfg.train.run_dir)
-    command = srun_command(sys.executable, argv, extra)
+    command = srun_command(sys.executable, argv, extra, env)
     log(
         f"job {env['SLURM_JOB_ID']} ({env.get('SLURM_JOB_NAME', '')}), restart {restarts}, "
         f"{env.get('SLURM_JOB_NUM_NODES', '?')} node(s): {' '.join(command)}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -96,17 +97,32 @@ def _batchnorm_stats_preserved(module: nn.Module) -> Iterator[None]:
                     b.copy_(old)
 
 
+def _recompute_contexts(
+    block: nn.Module,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Eager checkpointing's contexts: none around the forward, BatchNorm statistics preserved
+    around the recompute."""
+    return contextlib.nullcontext(), _batchnorm_stats_preserved(block)
+
+
 def checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run one block under non-reentrant activation checkpointing.
 
     The RNG state is restored for the recompute (stochastic depth draws the same masks), so outputs
     and gradients equal those of the plain forward.
+
+    Under `torch.compile` the call is traced into a graph whose recompute AOTAutograd plans: the
+    BatchNorm statistics updates are functionalised and applied once, in the forward, so the
+    eager-mode context is neither needed nor allowed (Dynamo takes a `context_fn` only for
+    selective checkpointing policies, see torch/_higher_order_ops/wrap.py). In eager mode the
+    context is a `functools.partial` of a module-level function rather than a closure, which is
+    also what Dynamo would accept.
     """
-
-    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _batchnorm_stats_preserved(block)
-
-    return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(
+        block, x, use_reentrant=False, context_fn=functools.partial(_recompute_contexts, block)
+    )
 
 
 class CoAtNet(nn.Module):

@@ -12,12 +12,14 @@ following the code in `layers.py`:
 - Transformer: LN1 output (and its pooled copy when downsampling), the attention's saved tensors
   (see below), the output projection's input (a copy: heads are transposed back) and output, LN2
   output, the FFN's two 4D-wide maps, the output. LayerNorm statistics are fp32.
-- Attention kernels differ: with a bias that needs a gradient, PyTorch's CPU path is the math
-  implementation (saves scaled q and k, a contiguous v and the softmax probabilities: O(T^2) per
-  head and image); CUDA picks the memory-efficient kernel, which keeps the q/k/v views of the qkv
-  projection, the output, the log-sum-exp and the gathered bias (no O(T^2) per image).
-- BatchNorm normalises in fp32 (`layers.BatchNorm2d`): under bf16/fp16 it saves an fp32 copy of
-  its input, so BN inputs cost 4 bytes per element whatever the activation dtype.
+- Attention kernels differ (`layers.BIAS_GRAD_KERNELS`): on CPU the math implementation runs
+  (saves scaled q and k, a contiguous v and the softmax probabilities: O(T^2) per head and image;
+  in fp32 whatever the activation dtype, as PyTorch's math path upcasts bf16/fp16 by default); on
+  CUDA the memory-efficient kernel, which keeps the q/k/v views of the qkv projection, the output,
+  the log-sum-exp and the gathered bias (no O(T^2) per image), and whose backward allocates a
+  gradient for the bias expanded over the batch, (B, heads, T, T) (`backward_bytes`).
+- BatchNorm takes a bf16/fp16 input with fp32 parameters and statistics (`layers.BatchNorm2d`)
+  and saves the input in its own dtype.
 
 The counts were checked against allocations measured on CPU block by block (tests/unit/
 test_footprint.py); the planner (`coatnet_scale.plan`) turns them into a peak for a whole step.
@@ -56,13 +58,15 @@ class UnitFootprint:
     fixed_bytes: int  # per step, whatever the batch: gathered relative-position biases, indices
     largest_bytes: int  # per image: the largest single tensor, which sizes backward's working set
     largest_param: int  # elements of the largest parameter tensor (optimizer temporaries)
+    backward_bytes: int = 0  # per image: what this unit's backward allocates beyond the working
+    # set of its largest tensors (the memory-efficient attention kernel's bias gradient)
 
 
 def _stem(cfg: ModelConfig, act: int) -> UnitFootprint:
     width, pixels = cfg.arch().stem_width, (cfg.image_size // 2) ** 2
     params = 9 * cfg.in_chans * width + 2 * width + 9 * width * width
-    # conv1 output (BN input, fp32), BN output, GELU output; conv2's output is the stem output.
-    saved = (FP32 + 2 * act) * width * pixels
+    # conv1 output (BN input), BN output, GELU output; conv2's output is the stem output.
+    saved = 3 * act * width * pixels
     return UnitFootprint(
         "stem",
         "stem",
@@ -71,7 +75,7 @@ def _stem(cfg: ModelConfig, act: int) -> UnitFootprint:
         saved,
         act * width * pixels,
         0,
-        FP32 * width * pixels,
+        act * width * pixels,
         9 * width * width,
     )
 
@@ -80,12 +84,10 @@ def _mbconv(spec: BlockSpec, cfg: ModelConfig, act: int) -> tuple[int, int, int,
     hidden, squeeze = MBCONV_EXPANSION * spec.dim_out, int(SE_RATIO * spec.dim_out)
     pix_in, pix_out = spec.side_in**2, spec.side_out**2
     pix_expand = pix_out if cfg.mbconv_stride == "expand1x1" else pix_in
-    saved = 0
-    if act < FP32:
-        saved += FP32 * spec.dim_in * pix_in  # BN's fp32 copy of the block input
-    saved += act * spec.dim_in * pix_in  # normalised input, read by the 1x1 expansion
-    saved += (FP32 + 2 * act) * hidden * pix_expand  # expansion out (BN in), BN out, GELU out
-    saved += (FP32 + 3 * act) * hidden * pix_out  # dwconv out (BN in), BN out, GELU out, SE out
+    # BN saves the block input itself: the previous unit's output, counted there.
+    saved = act * spec.dim_in * pix_in  # normalised input, read by the 1x1 expansion
+    saved += 3 * act * hidden * pix_expand  # expansion out (BN in), BN out, GELU out
+    saved += 4 * act * hidden * pix_out  # dwconv out (BN in), BN out, GELU out, SE out
     saved += act * (2 * hidden + 2 * squeeze)  # SE: pooled vector, its squeeze, gate
     if spec.stride > 1:
         if cfg.mbconv_pool == "max":
@@ -96,7 +98,7 @@ def _mbconv(spec: BlockSpec, cfg: ModelConfig, act: int) -> tuple[int, int, int,
     params += 2 * hidden * squeeze + hidden + squeeze + spec.dim_out
     if spec.dim_in != spec.dim_out:
         params += spec.dim_in * spec.dim_out + spec.dim_out
-    largest = FP32 * hidden * max(pix_expand, pix_out)
+    largest = act * hidden * max(pix_expand, pix_out)
     return (
         params,
         saved,
@@ -108,7 +110,7 @@ def _mbconv(spec: BlockSpec, cfg: ModelConfig, act: int) -> tuple[int, int, int,
 
 def _transformer(
     spec: BlockSpec, cfg: ModelConfig, act: int, attention: AttentionKernel
-) -> tuple[int, int, int, int, int, int]:
+) -> tuple[int, int, int, int, int, int, int]:
     dim, heads = spec.dim_out, spec.dim_out // cfg.arch().head_dim
     tokens_in, tokens = spec.side_in**2, spec.side_out**2
     ffn = FFN_EXPANSION * dim
@@ -120,12 +122,15 @@ def _transformer(
         if cfg.attn_pool == "max" or spec.dim_in != dim:
             saved += act * spec.dim_in * tokens  # pooled input: amax's result / the projection's
     fixed = INT64 * tokens * tokens  # the bias gather's copy of the relative-position index
+    backward = 0
     if attention == "math":
-        saved += 3 * act * dim * tokens + act * heads * tokens * tokens  # q, k, v; probabilities
-        largest = act * heads * tokens * tokens
+        # q, k, v and the probabilities, upcast to fp32 by the math path
+        saved += 3 * FP32 * dim * tokens + FP32 * heads * tokens * tokens
+        largest = FP32 * heads * tokens * tokens
     else:
         saved += 4 * act * dim * tokens + FP32 * heads * tokens  # qkv, output; log-sum-exp
         fixed += act * heads * tokens * tokens  # the gathered bias, saved for its gradient
+        backward = act * heads * tokens * tokens  # the bias gradient, expanded over the batch
         largest = act * ffn * tokens
     saved += 2 * act * dim * tokens  # output projection: its input (a copy) and output
     saved += act * dim * tokens + NORM_STATS * tokens  # LN2 output and statistics
@@ -136,7 +141,7 @@ def _transformer(
         params += spec.dim_in * dim + dim
     largest = max(largest, act * ffn * tokens)
     largest_param = max(3 * spec.dim_in * dim, dim * ffn)
-    return params, saved, act * dim * tokens, fixed, largest, largest_param
+    return params, saved, act * dim * tokens, fixed, largest, largest_param, backward
 
 
 def _head(cfg: ModelConfig, act: int) -> UnitFootprint:
@@ -168,14 +173,23 @@ def unit_footprints(
         macs = block_macs(spec, cfg.mbconv_stride)
         if spec.kind == "mbconv":
             params, saved, output, largest, biggest = _mbconv(spec, cfg, act_bytes)
-            fixed = 0
+            fixed = backward = 0
         else:
-            params, saved, output, fixed, largest, biggest = _transformer(
+            params, saved, output, fixed, largest, biggest, backward = _transformer(
                 spec, cfg, act_bytes, attention
             )
         units.append(
             UnitFootprint(
-                spec.stage, spec.kind, params, macs, saved, output, fixed, largest, biggest
+                spec.stage,
+                spec.kind,
+                params,
+                macs,
+                saved,
+                output,
+                fixed,
+                largest,
+                biggest,
+                backward,
             )
         )
     units.append(_head(cfg, act_bytes))

@@ -22,8 +22,12 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, SEModule
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PoolType = Literal["avg", "max"]
+# Attention kernels that return a gradient for an additive bias, in order of preference
+# (`RelPosAttention`): never cuDNN or flash attention, which do not.
+BIAS_GRAD_KERNELS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 Layout = Literal["nchw", "nhwc"]
 
 BN_EPS = 1e-5  # PyTorch/timm convention; [MV] uses the TF values eps 1e-3, momentum 0.99
@@ -46,12 +50,15 @@ def pool2x2_nhwc(x: torch.Tensor, pool: PoolType) -> torch.Tensor:
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that normalises in fp32 when the model runs in bf16/fp16.
+    """BatchNorm whose statistics and affine parameters stay fp32 when the model runs in bf16/fp16.
 
-    DeepSpeed's bf16/fp16 modes cast the parameters but not the buffers, and the CPU kernel
-    refuses mixed dtypes; low-precision running statistics would also drift. So, as autocast does
-    for batch_norm, the statistics stay fp32 and the normalisation runs in fp32; the output has
-    the input's dtype.
+    DeepSpeed's bf16/fp16 modes cast every parameter and buffer to the low precision; running
+    statistics accumulated in bf16 would drift, and the kernels refuse bf16 parameters next to
+    fp32 statistics. PyTorch's batch-norm kernels (cuDNN and native on CUDA, native on CPU) take a
+    bf16/fp16 input with fp32 weight, bias and statistics directly ("mixed type": they accumulate
+    in fp32 and save the input in its own dtype for the backward), so only the per-channel
+    parameters are cast, not the activation: an fp32 copy of every BN input would double the
+    memory of the largest maps of the network.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +72,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         momentum = self.momentum
         if momentum is None:  # cumulative average, as nn.BatchNorm2d
             momentum = 1.0 / max(1.0, float(self.num_batches_tracked))
-        y = F.batch_norm(
-            x.float(),
+        return F.batch_norm(
+            x,
             self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
             self.weight.float(),
@@ -75,7 +82,6 @@ class BatchNorm2d(nn.BatchNorm2d):
             momentum,
             self.eps,
         )
-        return y.to(x.dtype)
 
 
 def residual_add(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
@@ -235,8 +241,13 @@ class RelPosAttention(nn.Module):
     q, k, v map D_in to heads * head_dim with heads = D_out / head_dim (the [MV] convention that
     matches the published parameter counts, spec table 6 row 5); the output projection maps to
     D_out.
-    The bias is passed to `scaled_dot_product_attention` as an additive mask, which picks a fused
-    kernel where one supports it and the math path otherwise.
+    The bias is passed to `scaled_dot_product_attention` as an additive mask that needs a
+    gradient. Not every kernel returns one: cuDNN attention (which PyTorch may prefer on H100) and
+    the flash kernels do not, which would either fail or leave the tables untrained. So the choice
+    is explicit (`BIAS_GRAD_KERNELS`): the memory-efficient kernel, which computes the bias
+    gradient (CUDA; it keeps no T x T probabilities but allocates a (B, heads, T, T) bias gradient
+    in the backward, which the planner counts), else the math implementation (CPU, and shapes
+    the memory-efficient kernel refuses).
     """
 
     def __init__(self, dim_in: int, dim_out: int, head_dim: int, grid: tuple[int, int]) -> None:
@@ -258,7 +269,8 @@ class RelPosAttention(nn.Module):
             )
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos().to(q.dtype))
+        with sdpa_kernel(BIAS_GRAD_KERNELS):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos().to(q.dtype))
         return self.proj(y.transpose(1, 2).reshape(b, h, w, -1))
 
 

@@ -7,7 +7,8 @@
 `--emit` writes the recommended configuration as a YAML overlay:
 `deepspeed launch/pretrain.py --model coatnet6 --config configs/coatnet6.yaml --config plan.yaml`.
 `--check B` measures a training step at micro-batch B on this machine (CPU, or the first GPU)
-for each checkpointing policy and prints measured vs predicted peak memory.
+for each checkpointing policy and prints measured vs predicted peak memory, in `--dtype` (bf16 by
+default: on a GPU, the memory-efficient attention kernel a bf16 run uses).
 """
 
 from __future__ import annotations
@@ -96,20 +97,20 @@ def table(candidates: Sequence[Candidate], top: int) -> str:
     return "\n".join(rows)
 
 
-def check(model: ModelConfig, batch: int) -> str:
+def check(model: ModelConfig, batch: int, dtype: str) -> str:
     import torch
 
     from coatnet_scale.plan.check import measure_step_peak
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lines = [
-        f"measured vs predicted peak of one fp32 training step, {model.name} at "
+        f"measured vs predicted peak of one {dtype} training step, {model.name} at "
         f"{model.image_size}px, batch {batch}, on {device}",
         "| checkpointing | measured MiB | predicted MiB | predicted / measured |",
         "|---|---|---|---|",
     ]
     for name, stages in POLICIES.items():
-        r = measure_step_peak(model, batch, stages, device)
+        r = measure_step_peak(model, batch, stages, device, dtype)
         lines.append(
             f"| {name} | {r.measured_peak / 2**20:.0f} | {r.predicted_peak / 2**20:.0f} | "
             f"{r.ratio:.3f} |"
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> Candidate | None:
     model = ModelConfig(name=args.model, image_size=args.image_size)
     model.validate()
     if args.check:
-        print(check(model, args.check))
+        print(check(model, args.check, args.dtype))
         return None
     cluster = cluster_from(args)
     try:

@@ -112,7 +112,7 @@ def step_peak(
         recompute = (u.saved_bytes * batch + u.fixed_bytes) if ckpt[i] else 0.0
         grad_out = u.output_bytes * batch
         grad_in = units[i - 1].output_bytes * batch if i else input_bytes
-        working = WORKING_SET[u.kind] * u.largest_bytes * batch
+        working = (WORKING_SET[u.kind] * u.largest_bytes + u.backward_bytes) * batch
         grads += u.params * grad_bytes_per_param
         total = base + running + recompute + grad_out + grad_in + working + grads
         if total > peak:

@@ -1,6 +1,7 @@
 """Small image folders and shard sets made on the fly (no downloads)."""
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,17 @@ def shard_set(tmp: Path, shard_sizes: list[int], name: str = "train") -> Path:
         start += size
     write_manifest(out / f"{name}.json", name, infos, ["a", "b", "c"])
     return out / f"{name}.json"
+
+
+def debug_data(tmp: Path) -> Path:
+    """One folder with train.json (shards of 20, 7 and 13 samples) and val.json (9 samples): the
+    data of the short debug-model runs (tests/distributed/scenarios.py `debug_run`)."""
+    data = tmp / "data"
+    data.mkdir()
+    for manifest in (shard_set(tmp / "t", [20, 7, 13]), shard_set(tmp / "v", [9], name="val")):
+        for f in manifest.parent.iterdir():
+            shutil.copy(f, data / f.name)
+    return data
 
 
 @pytest.fixture

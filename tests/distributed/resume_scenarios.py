@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist
+from timm.layers import DropPath
 
 import coatnet_scale.train as training
 from coatnet_scale.checkpoint import CheckpointError
@@ -93,13 +94,33 @@ def stop_after(steps: int | None):
     return lr_at
 
 
+def record_drop_path_masks(masks: list[list[bool]]):
+    """A build_engine that records, per stochastic-depth call in training, which samples of the
+    micro-batch the block dropped (the branch output is exactly zero for them)."""
+    original = training.build_engine
+
+    def build(model, cfg, ds_config):
+        engine = original(model, cfg, ds_config)
+        for module in engine.module.modules():
+            if isinstance(module, DropPath):
+                module.register_forward_hook(
+                    lambda m, _, out: (
+                        masks.append((out.flatten(1) == 0).all(1).tolist()) if m.training else None
+                    )
+                )
+        return engine
+
+    return build
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's flag
     out, data, names = Path(args[0]), args[1], args[2].split(",")
-    originals = (training.build_train_loader, training.lr_at)
+    originals = (training.build_train_loader, training.lr_at, training.build_engine)
     for name in names:
         run, extra, stop = SCENARIOS[name]
         record: list[tuple[int, str]] = []
+        masks: list[list[bool]] = []
 
         def build(*a, record=record, **k):
             loader = originals[0](*a, **k)
@@ -108,6 +129,7 @@ def main() -> None:
             return loader
 
         training.build_train_loader, training.lr_at = build, stop_after(stop)
+        training.build_engine = record_drop_path_masks(masks)
         overrides = [
             *debug_run(data, out / run, STEPS, micro_batch=2),
             "zero.stage=2",
@@ -128,8 +150,9 @@ def main() -> None:
                 (out / f"{name}.error").write_text(str(err))
             continue
         finally:
-            training.build_train_loader, training.lr_at = originals
+            training.build_train_loader, training.lr_at, training.build_engine = originals
         (out / f"{name}.rank{dist.get_rank()}.slots.json").write_text(json.dumps(record))
+        (out / f"{name}.rank{dist.get_rank()}.masks.json").write_text(json.dumps(masks))
         if dist.get_rank() == 0:
             lines = (out / run / "metrics.jsonl").read_text().splitlines()
             losses = {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}

@@ -33,6 +33,17 @@ SCENARIOS = {
     "offload3": ["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"],
     "ema": ["zero.stage=1", "train.ema_decay=0.9"],
     "compile": ["zero.stage=2", "train.compile=true"],
+    "compile_ckpt_all": [
+        "zero.stage=2",
+        "train.compile=true",
+        "activation_checkpointing.policy=all",
+    ],
+    "compile_ckpt_stages": [
+        "zero.stage=2",
+        "train.compile=true",
+        "activation_checkpointing.policy=stages",
+        "activation_checkpointing.stages=[s1,s3]",
+    ],
 }
 
 

@@ -19,7 +19,7 @@ import torch
 from coatnet_scale import checkpoint
 from coatnet_scale.models import create_model
 from coatnet_scale.models.layers import resize_rel_pos_table
-from tests.data.conftest import shard_set
+from tests.data.conftest import debug_data
 from tests.distributed.test_training_2ranks import BIN, launch
 
 STEPS = 6
@@ -54,11 +54,7 @@ def cut_back(tmp: Path, source: str, target: str, step: int) -> None:
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("resume")
-    data = tmp / "data"
-    data.mkdir()
-    for manifest in (shard_set(tmp / "t", [20, 7, 13]), shard_set(tmp / "v", [9], name="val")):
-        for f in manifest.parent.iterdir():
-            shutil.copy(f, data / f.name)
+    debug_data(tmp)  # tmp/data, read by the scenarios
     logs = {}
     logs[2] = run_scenarios(
         tmp,
@@ -166,6 +162,23 @@ def test_stop_and_resume_reads_the_same_samples_once(out) -> None:
     straight = consumed(out, "straight")
     assert straight == sorted(consumed(out, "stop") + consumed(out, "resume"))
     assert [slot for slot, _ in straight] == list(range(STEPS * 8))
+
+
+def drop_path_masks(out: dict, name: str, rank: int) -> list[list[bool]]:
+    return json.loads((out["tmp"] / f"{name}.rank{rank}.masks.json").read_text())
+
+
+def test_stochastic_depth_differs_between_ranks_and_repeats_on_resume(out) -> None:
+    """Each rank draws its own stochastic-depth masks (a per-rank seed: with one seed for all,
+    every rank dropped the same blocks at the same batch position), and a resumed run draws the
+    masks the uninterrupted run drew."""
+    straight = [drop_path_masks(out, "straight", rank) for rank in (0, 1)]
+    assert len(straight[0]) == len(straight[1]) > 0
+    assert straight[0] != straight[1]
+    assert 0 < sum(map(sum, straight[0])) < sum(map(len, straight[0]))  # some dropped, not all
+    for rank in (0, 1):
+        resumed = drop_path_masks(out, "stop", rank) + drop_path_masks(out, "resume", rank)
+        assert resumed == straight[rank]
 
 
 def test_the_resumed_run_continues_the_same_wandb_run(out) -> None:

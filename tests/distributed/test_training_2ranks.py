@@ -5,14 +5,13 @@ bad configs fail fast."""
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.data.conftest import shard_set
+from tests.data.conftest import debug_data, shard_set
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -26,15 +25,10 @@ def launch(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("ranks")
-    data = tmp / "data"
-    train = shard_set(tmp / "t", [20, 7, 13])
-    val = shard_set(tmp / "v", [9], name="val")
-    data.mkdir()
-    for manifest in (train, val):
-        for f in manifest.parent.iterdir():
-            shutil.copy(f, data / f.name)
+    data = debug_data(tmp)
     names = (
         "zero0 zero1 zero2 zero3 ga1x8 ga2x4 ckpt_on ckpt_off bf16 nan offload offload3 ema compile"
+        " compile_ckpt_all compile_ckpt_stages"
     )
     names = names.split()
     proc = launch(
@@ -67,6 +61,13 @@ def test_cpu_offload_and_compile_give_the_same_losses(results: Path) -> None:
     reference = losses(results, "zero0")
     for name in ("offload", "offload3", "compile"):  # ZeRO-2 / ZeRO-3 offload, torch.compile
         assert losses(results, name) == pytest.approx(reference, rel=1e-4), name
+
+
+@pytest.mark.parametrize("name", ["compile_ckpt_all", "compile_ckpt_stages"])
+def test_compile_works_with_activation_checkpointing(results: Path, name: str) -> None:
+    """Every checkpointing policy (none: `compile`; all blocks; the blocks of chosen stages)
+    under torch.compile (inductor) through the DeepSpeed engine, on 2 ranks."""
+    assert losses(results, name) == pytest.approx(losses(results, "zero0"), rel=1e-4)
 
 
 def test_ema_weights_are_evaluated(results: Path) -> None:

@@ -11,7 +11,15 @@ from safetensors.torch import save_file
 
 import coatnet_scale
 from coatnet_scale.models import ModelConfig, build_model, create_model, load_weights
-from coatnet_scale.models.layers import RelPosBias, relative_position_index, resize_rel_pos_table
+from coatnet_scale.models.layers import (
+    BatchNorm2d,
+    RelPosAttention,
+    RelPosBias,
+    init_module_,
+    relative_position_index,
+    resize_rel_pos_table,
+)
+from coatnet_scale.plan import POLICIES
 
 SWITCHES = [
     {},
@@ -84,6 +92,89 @@ def test_activation_checkpointing_gives_identical_outputs_gradients_and_bn_stats
         reference.named_buffers(), checkpointed.named_buffers(), strict=True
     ):
         assert torch.equal(buf, buf_ckpt), name
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_compiled_model_trains_under_every_checkpointing_policy(policy: str) -> None:
+    """torch.compile traces the checkpointed blocks (Dynamo refused the eager recompute context,
+    a closure); gradients and BatchNorm statistics equal the eager, uncheckpointed model's.
+    aot_eager here keeps it fast; the 2-rank tests run inductor through the engine."""
+    reference = small(image_size=32).train()
+    compiled = copy.deepcopy(reference)
+    compiled.set_grad_checkpointing(True, POLICIES[policy])
+    x = torch.randn(4, 3, 32, 32)
+    out_ref, grads_ref = _run(reference, x, seed=7)
+    out, grads = _run(torch.compile(compiled, backend="aot_eager", fullgraph=True), x, seed=7)
+    torch.testing.assert_close(out, out_ref)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads[f"_orig_mod.{name}"], grad, rtol=1e-4, atol=1e-6)
+    for (name, buf), (_, buf_compiled) in zip(
+        reference.named_buffers(), compiled.named_buffers(), strict=True
+    ):
+        torch.testing.assert_close(buf_compiled, buf, msg=name)  # one update, not two
+
+
+def test_attention_uses_a_kernel_that_returns_the_bias_gradient(monkeypatch) -> None:
+    """The SDPA call runs with only the memory-efficient and math kernels allowed (never cuDNN
+    or flash, which return no gradient for the bias), and the relative-position tables get the
+    gradient of the plain formula softmax(q k^T / sqrt(d) + B) v."""
+    torch.manual_seed(0)
+    attn = RelPosAttention(16, 32, head_dim=8, grid=(4, 4)).train()
+    for module in attn.modules():
+        init_module_(module)
+    allowed: list[dict[str, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        allowed.append(
+            {
+                "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                "math": torch.backends.cuda.math_sdp_enabled(),
+                "flash": torch.backends.cuda.flash_sdp_enabled(),
+                "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+            }
+        )
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    x = torch.randn(2, 4, 4, 16)
+    weights = torch.randn(2, 4, 4, 32)
+    (attn(x) * weights).sum().backward()
+    assert allowed == [{"efficient": True, "math": True, "flash": False, "cudnn": False}]
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the call
+    grad = attn.rel_pos.table.grad.clone()
+    assert grad.abs().min() > 0  # every table entry receives a gradient
+
+    # the same with the attention written out
+    table = attn.rel_pos.table.detach().clone().requires_grad_(True)
+    q, k, v = attn.qkv(x).reshape(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = table.flatten(1)[:, relative_position_index(4, 4, x.device)]
+    probs = (q @ k.transpose(-1, -2) / 8**0.5 + bias).softmax(-1)
+    y = attn.proj((probs @ v).transpose(1, 2).reshape(2, 4, 4, 32))
+    (y * weights).sum().backward()
+    torch.testing.assert_close(grad, table.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_batchnorm_keeps_bf16_activations_and_fp32_statistics() -> None:
+    """Under bf16 the normalisation takes the bf16 input directly (no fp32 copy to save for the
+    backward), keeps fp32 running statistics, and matches the fp32 computation."""
+    torch.manual_seed(0)
+    reference = BatchNorm2d(8).train()
+    norm = copy.deepcopy(reference).to(torch.bfloat16)
+    x = torch.randn(4, 8, 6, 6)
+    saved: list[torch.dtype] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.dtype) or t, lambda t: t
+    ):
+        y = norm(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert saved[0] == torch.bfloat16  # the input itself, not an fp32 copy
+    assert norm.running_mean.dtype == norm.running_var.dtype == torch.float32
+    expected = reference(x)
+    torch.testing.assert_close(y.float(), expected, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(norm.running_mean, reference.running_mean, rtol=0.01, atol=1e-3)
+    y.float().sum().backward()
+    assert norm.weight.grad.dtype == torch.bfloat16 and torch.isfinite(norm.weight.grad).all()
 
 
 def test_checkpointing_switches_off_per_stage_and_rejects_unknown_stage() -> None:

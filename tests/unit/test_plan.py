@@ -32,20 +32,33 @@ def test_tracking_counts_only_allocations_inside_the_block() -> None:
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [{}, {"mbconv_stride": "dwconv", "mbconv_pool": "max", "attn_pool": "avg"}],
-    ids=["paper", "timm-switches"],
+    ("overrides", "dtype", "tolerance"),
+    [
+        ({}, torch.float32, 0.03),
+        (
+            {"mbconv_stride": "dwconv", "mbconv_pool": "max", "attn_pool": "avg"},
+            torch.float32,
+            0.03,
+        ),
+        ({}, torch.bfloat16, 0.07),
+    ],
+    ids=["paper", "timm-switches", "paper-bf16"],
 )
-def test_saved_tensors_per_block_match_measured(overrides: dict) -> None:
+def test_saved_tensors_per_block_match_measured(
+    overrides: dict, dtype: torch.dtype, tolerance: float
+) -> None:
     """Every unit's kept bytes (saved tensors + output) equal the allocations its forward leaves
-    behind, block by block, within 3% (the per-block parameter count exactly)."""
+    behind, block by block, within 3% in fp32 (7% in bf16, where the small late blocks' fp32
+    statistics weigh more) and the per-block parameter count exactly. In bf16, BatchNorm keeps
+    its bf16 input (no fp32 copy) and the CPU's math attention its fp32 upcasts."""
     cfg = ModelConfig(name="coatnet_debug", image_size=64, **overrides)
-    model = build_model(cfg).train()
+    model = build_model(cfg).train().to(dtype)
     batch = 3
-    x = torch.randn(batch, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 64, 64, dtype=dtype).contiguous(memory_format=torch.channels_last)
     layout = "nchw"
     blocks = [*model._units(), ("head", model.head)]
-    for (stage, block), unit in zip(blocks, unit_footprints(cfg, 4, "math"), strict=True):
+    act = torch.finfo(dtype).bits // 8
+    for (stage, block), unit in zip(blocks, unit_footprints(cfg, act, "math"), strict=True):
         assert unit.stage == stage
         assert unit.params == sum(p.numel() for p in block.parameters()), stage
         if stage == "head":
@@ -55,7 +68,7 @@ def test_saved_tensors_per_block_match_measured(overrides: dict) -> None:
         with track_allocations() as a:
             y = block(x)
         predicted = batch * (unit.saved_bytes + unit.output_bytes) + unit.fixed_bytes
-        assert predicted == pytest.approx(a.net_bytes, rel=0.03), (stage, unit.kind)
+        assert predicted == pytest.approx(a.net_bytes, rel=tolerance), (stage, unit.kind)
         x = y
 
 
@@ -154,9 +167,12 @@ def test_emitted_overlay_is_a_valid_config(tmp_path, capsys) -> None:
     assert yaml.safe_load(out.read_text()) == overlay(best, cfg.model, 4096, "bf16")
 
 
-def test_check_command_measures_every_policy(capsys) -> None:
-    plan_main(["--model", "coatnet_debug", "--image-size", "64", "--check", "2"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_check_command_measures_every_policy(dtype: str, capsys) -> None:
+    plan_main(["--model", "coatnet_debug", "--image-size", "64", "--check", "2", "--dtype", dtype])
+    out = capsys.readouterr().out
+    assert f"one {dtype} training step" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
     ratios = [float(row.split("|")[4]) for row in rows[1:]]
     assert len(ratios) == len(POLICIES)
-    assert all(0.85 <= r <= 1.15 for r in ratios)
+    assert all(0.85 <= r <= 1.15 for r in ratios), ratios

@@ -45,10 +45,25 @@ def test_the_run_folder_follows_the_job_name_unless_set() -> None:
 
 
 def test_srun_runs_the_entry_point_with_the_same_arguments() -> None:
-    command = slurm.srun_command("/py", ["--model", "coatnet6", "optim.lr=1e-3"], ["a.b=c"])
+    argv = ["--model", "coatnet6", "optim.lr=1e-3"]
+    command = slurm.srun_command("/py", argv, ["a.b=c"], {})
     assert command[:2] == ["srun", "--kill-on-bad-exit=1"]
     assert command[-5:] == [str(slurm.PRETRAIN), "--model", "coatnet6", "optim.lr=1e-3", "a.b=c"]
     assert str(slurm.PRETRAIN).endswith("launch/pretrain.py") and slurm.PRETRAIN.is_file()
+    assert not any(arg.startswith("--cpus-per-task") for arg in command)
+
+
+def test_srun_passes_the_allocations_cpus_per_task_on() -> None:
+    """srun >= 22.05 does not inherit sbatch's --cpus-per-task: each task would get one CPU."""
+    command = slurm.srun_command("/py", [], [], {"SLURM_CPUS_PER_TASK": "12"})
+    assert "--cpus-per-task=12" in command
+    assert command.index("--cpus-per-task=12") < command.index("/py")  # an srun option
+
+
+def test_hostfile_lists_every_node_of_the_allocation() -> None:
+    assert slurm.hostfile("gpu[07-09],big1", 8) == (
+        "gpu07 slots=8\ngpu08 slots=8\ngpu09 slots=8\nbig1 slots=8\n"
+    )
 
 
 def test_a_bad_config_fails_before_srun(capsys) -> None:

@@ -2,14 +2,18 @@
 logging, plots, dry-run plan."""
 
 import json
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from coatnet_scale.config import load_config
+from coatnet_scale.data.transforms import Normalizer
 from coatnet_scale.distributed.env import dist_env, first_slurm_host, slurm_port
+from coatnet_scale.guard import NonFiniteError, StepGuard
 from coatnet_scale.logging import RunLogger, redact, resolve_wandb_mode
 from coatnet_scale.losses import classification_loss, smooth_targets
 from coatnet_scale.models import ModelConfig, build_model
@@ -195,10 +199,10 @@ def test_missing_training_data_is_a_clear_error(capsys) -> None:
 
 
 def test_weight_ema_tracks_and_swaps() -> None:
-    from coatnet_scale.train import WeightEma, check_ema_supported
+    from coatnet_scale.ema import WeightEma, check_ema_supported
 
     model = torch.nn.Linear(3, 2)
-    ema = WeightEma(model, decay=0.5)
+    ema = WeightEma(model, decay=0.5, device=torch.device("cpu"))
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(2.0)
@@ -211,3 +215,63 @@ def test_weight_ema_tracks_and_swaps() -> None:
     check_ema_supported(load_config(overrides=["train.ema_decay=0.9999", "zero.stage=2"]))
     with pytest.raises(ValueError, match="zero.stage <= 2"):
         check_ema_supported(load_config(overrides=["train.ema_decay=0.9999", "zero.stage=3"]))
+
+
+def test_fp16_calibration_skips_are_counted_apart_and_never_stop_the_run() -> None:
+    """An fp16 run's first steps overflow while the loss scale comes down from 2**16: one skip
+    per halving. With max_nonfinite_steps=10, all 16 of them in a row must not end the run; an
+    overflow at the scale's floor, a non-finite loss or gradient norm does count."""
+    guard = StepGuard(max_in_a_row=10, min_loss_scale=1.0)
+    scale = 2.0**16
+    for _ in range(16):
+        assert guard.observe(3.2, None, applied=False, loss_scale_before=scale) == "calibration"
+        guard.check()
+        scale /= 2
+    assert guard.loss_scale_skips == 16 and guard.skipped == 0 and guard.in_a_row == 0
+    assert guard.observe(3.1, 2.5, applied=True, loss_scale_before=scale) == "applied"
+    # at the floor, an overflow is a real one
+    assert guard.observe(3.1, None, applied=False, loss_scale_before=1.0) == "nonfinite"
+    assert guard.observe(float("nan"), None, False, 2.0**10) == "nonfinite"  # NaN loss
+    assert guard.observe(3.0, float("inf"), True, None) == "nonfinite"  # bf16/fp32: no scaler
+    assert guard.skipped == 3 and guard.in_a_row == 3 and guard.loss_scale_skips == 16
+    assert guard.observe(3.0, 1.0, True, None) == "applied" and guard.in_a_row == 0
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run() -> None:
+    guard = StepGuard(max_in_a_row=3, min_loss_scale=1.0)
+    for _ in range(2):
+        guard.observe(float("nan"), float("nan"), applied=False, loss_scale_before=None)
+        guard.check()
+    guard.observe(float("nan"), float("nan"), applied=False, loss_scale_before=None)
+    with pytest.raises(NonFiniteError, match="train.max_nonfinite_steps=3"):
+        guard.check()
+
+
+def test_per_rank_streams_differ_between_ranks_and_weights_do_not() -> None:
+    from coatnet_scale.train import seed_rank_streams, seed_weights
+
+    draws = []
+    for rank in (0, 1):
+        seed_weights(7)
+        weights = torch.randn(4)
+        seed_rank_streams(7, rank)
+        draws.append((weights, torch.rand(16), np.random.rand(), random.random()))
+    assert torch.equal(draws[0][0], draws[1][0])  # the same initial weights on every rank
+    assert not torch.equal(draws[0][1], draws[1][1])  # dropout / drop-path streams differ
+    assert draws[0][2] != draws[1][2] and draws[0][3] != draws[1][3]
+    seed_rank_streams(7, 1)
+    assert torch.equal(torch.rand(16), draws[1][1])  # and are reproducible
+
+
+def test_normalizer_keeps_its_constants_on_the_device() -> None:
+    normalizer = Normalizer(torch.device("cpu"), torch.bfloat16)
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    out = normalizer(images)
+    assert out.dtype == torch.bfloat16
+    expected = (images.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / (
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    )
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+    floats = images.float()
+    normalizer(floats)
+    assert torch.equal(floats, images.float())  # the input is not modified in place

@@ -1,0 +1,158 @@
+"""Which device each rank binds, decided before the process group starts, on a CPU machine with
+CUDA mocked; GPUs that torch cannot use; SLURM node lists; what a rank reports about itself.
+(The whole loop under a mocked 8-GPU node: test_fake_cuda_run.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from coatnet_scale.distributed import device as dev
+from coatnet_scale.distributed import env as env_module
+from coatnet_scale.distributed.device import (
+    DeviceError,
+    bind_device,
+    check_distinct_devices,
+    cpu_ranges,
+    describe_rank,
+    visible_device_index,
+)
+from coatnet_scale.distributed.env import dist_env, expand_nodelist, first_slurm_host
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda as on an 8-GPU node (or fewer, per test); records set_device."""
+    calls: list[int] = []
+    node = SimpleNamespace(count=8, set_device=calls)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: node.count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(int(index)))
+    return node
+
+
+def test_every_rank_binds_its_local_rank_when_it_sees_the_whole_node(fake_cuda) -> None:
+    binding = bind_device(local_rank=5, local_world_size=8, choice="auto")
+    assert binding.device == torch.device("cuda", 5) and binding.index == 5
+    assert fake_cuda.set_device == [5]  # made current, not only named
+
+
+def test_a_task_bound_to_one_gpu_by_slurm_uses_device_0(fake_cuda) -> None:
+    """srun --gpus-per-task=1: CUDA_VISIBLE_DEVICES holds this task's GPU alone."""
+    fake_cuda.count = 1
+    binding = bind_device(local_rank=5, local_world_size=8, choice="cuda")
+    assert binding.device == torch.device("cuda", 0) and fake_cuda.set_device == [0]
+    # DeepSpeed reads LOCAL_RANK as the device index: the export says 0, the rank stays 5.
+    slurm = dist_env({"SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_NTASKS": "16"})
+    exported = slurm.export(binding.index)
+    assert exported["LOCAL_RANK"] == "0" and exported["RANK"] == "13"
+    assert slurm.export()["LOCAL_RANK"] == "5"
+
+
+def test_a_visibility_that_cannot_be_mapped_is_an_error() -> None:
+    assert visible_device_index(3, 8, 8) == 3
+    assert visible_device_index(3, 4, 8) == 3  # fewer ranks than GPUs: the first ones
+    assert visible_device_index(3, 8, 1) == 0
+    with pytest.raises(DeviceError, match="exactly one"):
+        visible_device_index(3, 4, 2)  # 2 of the node's GPUs each: which one is ours?
+
+
+def test_cpu_on_purpose_never_touches_cuda(fake_cuda) -> None:
+    binding = bind_device(local_rank=1, local_world_size=2, choice="cpu")
+    assert binding.device == torch.device("cpu") and binding.index is None
+    assert fake_cuda.set_device == []
+
+
+def test_gpus_torch_cannot_use_stop_the_run_instead_of_training_on_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "cuda_unusable_reason", lambda: "The NVIDIA driver is too old")
+    gpus = ["/dev/nvidia0", "/dev/nvidia1"]
+    with pytest.raises(DeviceError) as err:
+        bind_device(0, 8, "auto", find_gpus=lambda: gpus)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "/dev/nvidia0" in message and "driver is too old" in message
+    assert "distributed.device=cpu" in message  # the way out, for who means it
+    # No GPU on the machine: the CPU, silently (this machine, the test suite).
+    assert bind_device(0, 8, "auto", find_gpus=list).device == torch.device("cpu")
+    # Asking for CUDA where there is none: an error, GPU files or not.
+    with pytest.raises(DeviceError, match="distributed.device=cuda"):
+        bind_device(0, 8, "cuda", find_gpus=list)
+
+
+def test_gpu_device_files_are_found(tmp_path) -> None:
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
+        (tmp_path / name).touch()
+    assert dev.gpus_present(tmp_path) == [str(tmp_path / "nvidia0"), str(tmp_path / "nvidia1")]
+
+
+def test_the_unusable_reason_is_torchs_own() -> None:
+    reason = dev.cuda_unusable_reason()  # this machine: a CUDA build without a driver
+    assert reason and "\n" not in reason
+
+
+def test_two_ranks_on_one_gpu_are_refused() -> None:
+    a = {"rank": 0, "host": "n1", "gpu": "H100", "gpu_uuid": "GPU-1"}
+    b = {"rank": 1, "host": "n1", "gpu": "H100", "gpu_uuid": "GPU-2"}
+    check_distinct_devices([a, b, {**b, "rank": 2, "host": "n2"}])  # another host: fine
+    with pytest.raises(DeviceError, match="ranks 0 and 3 both compute on H100 GPU-1"):
+        check_distinct_devices([a, b, {**a, "rank": 3}])
+    check_distinct_devices([{"rank": 0, "host": "n1"}, {"rank": 1, "host": "n1"}])  # CPU ranks
+
+
+def test_a_rank_reports_device_affinity_and_memory() -> None:
+    report = dev.rank_report(3, dev.DeviceBinding(torch.device("cpu")))
+    assert report["rank"] == 3 and report["device"] == "cpu"
+    assert report["cpus"] and report["host_free_gib"] > 0
+    line = describe_rank(report)
+    assert line.startswith("rank 3 on ") and "CPU(s)" in line and "GiB free" in line
+    assert cpu_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("n1", ["n1"]),
+        ("n1,n2", ["n1", "n2"]),
+        ("gpu[07-10],big1", ["gpu07", "gpu08", "gpu09", "gpu10", "big1"]),
+        ("a[3,5-6],b[1]", ["a3", "a5", "a6", "b1"]),
+        ("node-[1-2]", ["node-1", "node-2"]),
+    ],
+)
+def test_simple_node_lists_expand_without_scontrol(nodelist, hosts, monkeypatch) -> None:
+    def no_scontrol(*args, **kwargs):
+        raise AssertionError("scontrol called for a simple list")
+
+    monkeypatch.setattr(env_module.subprocess, "run", no_scontrol)
+    assert expand_nodelist(nodelist) == hosts
+    assert first_slurm_host(nodelist) == hosts[0]
+
+
+@pytest.mark.parametrize(
+    "nodelist",
+    ["rack[1-2]-n[01-02]", "rack[1-2]-n[01-02],gpu5", "n[1-2]x", "pre[1-2]mid[3]"],
+)
+def test_other_node_lists_go_to_scontrol(nodelist, monkeypatch) -> None:
+    """Several bracket groups in one name (rack1-n01 ...), a suffix after the group: SLURM's
+    own expansion, not a guess (the old regex turned rack[1-2]-n[01-04] into 'rack1')."""
+    asked: list[list[str]] = []
+
+    def scontrol(command, **kwargs):
+        asked.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="rack1-n01\nrack1-n02\n", stderr="")
+
+    monkeypatch.setattr(env_module.subprocess, "run", scontrol)
+    assert first_slurm_host(nodelist) == "rack1-n01"
+    assert asked == [["scontrol", "show", "hostnames", nodelist]]
+
+
+def test_a_node_list_nobody_can_expand_says_what_to_set(monkeypatch) -> None:
+    def missing(command, **kwargs):
+        raise FileNotFoundError("scontrol")
+
+    monkeypatch.setattr(env_module.subprocess, "run", missing)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        expand_nodelist("rack[1-2]-n[01-04]")

@@ -1,0 +1,57 @@
+"""The training loop on a mocked 8-GPU node as local rank 5 (fake_cuda_run.py): the rank binds
+GPU 5 before the process group starts, and every tensor the loop asks for on a GPU is asked for
+on GPU 5, the restored EMA included."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.data.conftest import debug_data
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("fake_cuda")
+    data = debug_data(tmp)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "unit" / "fake_cuda_run.py"), str(tmp), str(data)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads((tmp / "report.json").read_text())
+
+
+def test_rank_5_binds_gpu_5_before_the_process_group_starts(report) -> None:
+    assert report["set_device"] == [5, 5]  # once per run, as the first thing
+    assert report["current_at_init"] == [5, 5]  # current when DeepSpeed starts the group
+    assert report["local_rank_at_init"] == ["5", "5"]  # what DeepSpeed reads as its device
+
+
+def test_no_tensor_of_the_loop_is_asked_for_on_another_gpu(report) -> None:
+    requested = report["requested"]
+    assert set(requested) == {"cuda:5"}, requested  # never cuda:0, the old default
+    # per micro-batch at least the images, labels and valid mask go to the device
+    assert requested["cuda:5"] >= 3 * report["train_micro_batches"]
+
+
+def test_the_restored_ema_lands_on_the_ranks_gpu(report) -> None:
+    [(moved, tensors)] = report["ema_load_requests"]  # the second run resumed with EMA
+    assert tensors > 0 and moved == tensors
+
+
+def test_the_rank_reports_its_device(report) -> None:
+    [rank] = report["ranks"]
+    assert rank["device"] == "cuda:5" and rank["gpu_uuid"] == "GPU-fake-5"
+    assert rank["gpu_free_gib"] == 70.0 and rank["cpus"]
