@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # venv: two checkouts sharing ~/.cache/torch_extensions rebuild each other's ops on every start.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo model-demo test lint format bench clean
+.PHONY: demo model-demo test test-fast gpu-check gpu-wheels lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,29 @@ model-demo: $(STAMP)  ## the model family at a glance and one training step
 
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest tests
+
+test-fast: $(STAMP)  ## the edit loop: single-process tests only (no DeepSpeed ranks, no SLURM)
+	$(PY) -m pytest tests/unit tests/data
+
+gpu-check: $(STAMP)  ## on a machine with NVIDIA GPUs: every GPU-dependent check, one report
+	$(PY) bench/gpu_check.py --out runs/gpu_check
+
+# For a GPU machine without network whose python already has torch, timm and accelerate (such as
+# a lent test machine, Python 3.12): the wheels of what it lacks, to carry there and install with
+# `python3 -m pip install --no-index --find-links .gpu-wheels deepspeed webdataset braceexpand`.
+GPU_WHEELS := .gpu-wheels
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip download --quiet --no-deps -d $(GPU_WHEELS) deepspeed==0.19.8
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w $(GPU_WHEELS) \
+		$(GPU_WHEELS)/deepspeed-0.19.8.tar.gz
+	rm $(GPU_WHEELS)/deepspeed-0.19.8.tar.gz
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d $(GPU_WHEELS) \
+		hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+		typing-inspection==0.4.5 webdataset==1.0.2 braceexpand==0.1.7
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,7 @@
 """Forward+backward time of our CoAtNet-0 against timm's `coatnet_0_224`, same process, CPU.
 
     python bench/model_step.py [--batch-size 8] [--image-size 224] [--repeats 5] [--threads 2]
+    python bench/model_step.py --device cuda --dtype bf16 --batch-size 64   # on a GPU
 
 Three models, each timed for `repeats` steps after one warm-up step, in the order A B C then
 C B A; the median over both passes is reported:
@@ -9,9 +10,10 @@ C B A; the median over both passes is reported:
   architecture, checked here to have the same parameter count and the same MACs;
 - ours at the paper's defaults (Eq. (5) stride on the 1x1 expansion, max pool in attention).
 
-A training step is zero_grad + forward + cross-entropy + backward in fp32, train mode. Inference
-is a no_grad forward in eval mode. Prints ratios (ours / timm; the goal is <= 0.85 for training)
-and merges them into bench/results.json under "model_step".
+A training step is zero_grad + forward + cross-entropy + backward, train mode, in fp32 or with
+every model cast to bf16/fp16 (what DeepSpeed's bf16/fp16 modes run). Inference is a no_grad
+forward in eval mode. Prints ratios (ours / timm; the goal is <= 0.85 for training) and merges
+them into bench/results.json under "model_step" (CPU fp32) or "model_step_<device>_<dtype>".
 """
 
 from __future__ import annotations
@@ -48,7 +50,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -62,26 +68,35 @@ def main() -> None:
             ModelConfig(name="coatnet0", image_size=args.image_size)
         ),
     }
-    models = {name: build() for name, build in builders.items()}
+    models = {name: build().to(device=device, dtype=dtype) for name, build in builders.items()}
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     macs = {n: forward_macs(build(), args.image_size) for n, build in builders.items()}
     baseline, same = "timm coatnet_0_224", "ours, timm switches"
     if params[baseline] != params[same] or macs[baseline] != macs[same]:
         raise SystemExit(f"not the same architecture: params {params}, MACs {macs}")
 
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    y = torch.randint(0, 1000, (args.batch_size,))
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    x = x.to(dtype)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def train_step(model: torch.nn.Module) -> float:
+        sync()
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+        sync()
         return time.perf_counter() - start
 
     def infer_step(model: torch.nn.Module) -> float:
+        sync()
         start = time.perf_counter()
         with torch.no_grad():
             model(x)
+        sync()
         return time.perf_counter() - start
 
     # Each model runs its steps back to back (interleaving models step by step makes the
@@ -96,11 +111,16 @@ def main() -> None:
                 step(model)  # warm-up
                 timings[mode].setdefault(name, []).extend(step(model) for _ in range(args.repeats))
 
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_name()}, {args.threads} threads"
+    )
     result = {
         "date": date.today().isoformat(),
-        "machine": f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
-        f"timm {timm.__version__}",
-        "setup": f"batch {args.batch_size}, {args.image_size}px, fp32, median of 2x{args.repeats}",
+        "machine": f"{where}, torch {torch.__version__}, timm {timm.__version__}",
+        "setup": f"batch {args.batch_size}, {args.image_size}px, {args.dtype}, "
+        f"median of 2x{args.repeats}",
         "params": params,
         "gmacs_per_image": {n: round(m / 1e9, 3) for n, m in macs.items()},
         "seconds": {},
@@ -126,7 +146,8 @@ def main() -> None:
             f"{ratios['train']:>7.2f}{row['infer']:>9.3f}{ratios['infer']:>7.2f}"
         )
 
-    record_result("model_step", result)
+    cpu_fp32 = device.type == "cpu" and args.dtype == "fp32"
+    record_result("model_step" if cpu_fp32 else f"model_step_{device.type}_{args.dtype}", result)
 
 
 if __name__ == "__main__":

@@ -91,9 +91,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
             file=sys.stderr,
         )
         raise SystemExit(2)
+    from coatnet_scale.distributed.device import DeviceError
     from coatnet_scale.train import train
 
-    return train(cfg)
+    try:
+        return train(cfg)
+    except DeviceError as err:  # the machine, not the code: one line saying what to change
+        print(f"device error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,18 @@
-"""Shared test set-up: deterministic, 2-thread CPU runs."""
+"""Shared test set-up: deterministic, 2-thread CPU runs; tests marked `cuda` skip without a GPU."""
 
 import pytest
 import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    from coatnet_scale.distributed.device import cuda_unusable_reason
+
+    skip = pytest.mark.skip(reason=f"needs CUDA: {cuda_unusable_reason()}")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

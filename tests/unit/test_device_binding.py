@@ -156,3 +156,15 @@ def test_a_node_list_nobody_can_expand_says_what_to_set(monkeypatch) -> None:
     monkeypatch.setattr(env_module.subprocess, "run", missing)
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
         expand_nodelist("rack[1-2]-n[01-04]")
+
+
+def test_the_entry_point_says_it_in_one_line(monkeypatch, capsys) -> None:
+    from launch.pretrain import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "coatnet_debug", "data.train_shards=x.json", "distributed.device=cuda"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("device error: distributed.device=cuda but torch cannot use CUDA")
+    assert len(err.splitlines()) == 1

@@ -18,7 +18,7 @@ from coatnet_scale.plan import POLICIES, PRESETS, Cluster, overlay, plan, recomm
 from coatnet_scale.plan.__main__ import main as plan_main
 from coatnet_scale.plan.check import measure_step_peak
 from coatnet_scale.plan.cost import comm_bytes_per_step
-from coatnet_scale.plan.memory import model_states
+from coatnet_scale.plan.memory import model_states, step_peak
 
 
 def test_tracking_counts_only_allocations_inside_the_block() -> None:
@@ -176,3 +176,21 @@ def test_check_command_measures_every_policy(dtype: str, capsys) -> None:
     ratios = [float(row.split("|")[4]) for row in rows[1:]]
     assert len(ratios) == len(POLICIES)
     assert all(0.85 <= r <= 1.15 for r in ratios), ratios
+
+
+def test_the_planner_counts_the_attention_bias_gradient_of_the_fused_kernel() -> None:
+    """The memory-efficient kernel keeps no T x T probabilities but its backward allocates the
+    bias gradient expanded over the batch: (B, heads, T, T) in the activation dtype."""
+    cfg = ModelConfig(name="coatnet0", image_size=224)
+    fused = unit_footprints(cfg, 2, "fused")
+    math = unit_footprints(cfg, 2, "math")
+    s3 = next(u for u in fused if u.kind == "transformer" and u.stage == "s3")
+    heads, tokens = 384 // 32, 14 * 14  # CoAtNet-0 S3: width 384, head size 32, 14 x 14
+    assert s3.backward_bytes == 2 * heads * tokens * tokens
+    assert all(u.backward_bytes == 0 for u in math) and all(
+        u.backward_bytes == 0 for u in fused if u.kind != "transformer"
+    )
+    # the backward of S3 needs that much more at micro-batch 32 than without the term
+    without = [dataclasses.replace(u, backward_bytes=0) for u in fused]
+    with_term = step_peak(fused, 32, (), 0.0, 2, 0.0)
+    assert with_term.peak > step_peak(without, 32, (), 0.0, 2, 0.0).peak
