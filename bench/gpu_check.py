@@ -46,6 +46,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TRAIN_TIMEOUT_S = 240
+DEADLINE = [float("inf")]  # monotonic time by which every check must be over (--deadline-s)
+
+
+def remaining() -> float:
+    return DEADLINE[0] - time.monotonic()
 
 
 class CheckFailed(AssertionError):
@@ -55,13 +60,17 @@ class CheckFailed(AssertionError):
 class Report:
     """Checks in order, each with status ok / failed / skipped, its figures and a note."""
 
-    def __init__(self, out: Path, rehearsal: bool) -> None:
+    def __init__(self, out: Path, rehearsal: bool, copy_to: Path | None = None) -> None:
         self.out = out
+        self.copy_to = copy_to
         self.rehearsal = rehearsal
         self.checks: list[dict[str, Any]] = []
         self.started = time.perf_counter()
 
-    def run(self, name: str, check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, name: str, check: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        if remaining() < 20:
+            self.skip(name, "out of time (--deadline-s)")
+            return None
         start = time.perf_counter()
         print(f"gpu-check: {name} ...", flush=True)
         entry: dict[str, Any] = {"name": name}
@@ -77,22 +86,25 @@ class Report:
         if entry["status"] == "failed":
             print(f"  {entry['error']}", flush=True)
         self.checks.append(entry)
+        self.write()  # after every check: a run cut short keeps what it measured
         return entry
 
     def skip(self, name: str, why: str) -> None:
         self.checks.append({"name": name, "status": "skipped", "why": why})
+        self.write()
 
     @property
     def failed(self) -> list[str]:
         return [c["name"] for c in self.checks if c["status"] == "failed"]
 
     def write(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
         total = round(time.perf_counter() - self.started, 1)
         data = {"rehearsal_on_cpu": self.rehearsal, "seconds": total, "checks": self.checks}
-        (self.out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-        (self.out / "report.md").write_text(markdown(data))
-        print(f"gpu-check: wrote {self.out / 'report.md'} and report.json ({total} s)")
+        for folder in (self.out, self.copy_to):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+                (folder / "report.md").write_text(markdown(data))
 
 
 # ---- rendering ------------------------------------------------------------------------------
@@ -341,6 +353,9 @@ def run(command: list[str], timeout: float, env: dict[str, str] | None = None) -
     timeout the whole group goes (the DeepSpeed launcher's ranks too, which would otherwise keep
     the port and the GPU)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    timeout = min(timeout, remaining() - 5)
+    if timeout < 10:
+        raise CheckFailed("out of time (--deadline-s)")
     proc = subprocess.Popen(
         command,
         cwd=REPO,
@@ -370,13 +385,20 @@ def free_port() -> int:
 
 
 def launcher(ranks: int) -> list[str]:
+    """`deepspeed` on `ranks` local GPUs: the first ones of CUDA_VISIBLE_DEVICES when it is set
+    (`--num_gpus` would drop it and count from GPU 0), else GPUs 0..ranks-1."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if all(v.strip().isdigit() for v in visible) and len(visible) >= ranks:
+        gpus = ["--include", "localhost:" + ",".join(v.strip() for v in visible[:ranks])]
+    else:
+        gpus = ["--num_gpus", str(ranks)]
     deepspeed = Path(sys.executable).with_name("deepspeed")
     command = (
         [str(deepspeed)]
         if deepspeed.is_file()
         else [sys.executable, "-m", "deepspeed.launcher.runner"]
     )
-    return [*command, "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    return [*command, *gpus, "--master_port", str(free_port())]
 
 
 def train_run(
@@ -474,11 +496,13 @@ def ema_resume(out: Path, ranks: int, rehearsal: bool, overrides: list[str]) -> 
 
 
 def init_weights_worker(out: Path, rehearsal: bool) -> None:
-    """(inside `deepspeed --num_gpus 1`) the weights ZeRO-2 and ZeRO-3 build for one seed."""
+    """(inside `deepspeed --num_gpus 1`) the weights and BatchNorm statistics a bf16 engine
+    starts from under ZeRO-2 and under ZeRO-3, for one seed."""
     import deepspeed
 
     from coatnet_scale.cli import config_parser, parse_config_args
     from coatnet_scale.distributed.engine import (
+        build_engine,
         build_sharded_model,
         init_process_group,
         to_deepspeed_config,
@@ -486,27 +510,41 @@ def init_weights_worker(out: Path, rehearsal: bool) -> None:
     from coatnet_scale.distributed.env import dist_env
     from coatnet_scale.train import seed_weights
 
-    weights = {}
+    states, dtypes = {}, {}
     for stage in (2, 3):
         overrides = [
             f"zero.stage={stage}",
+            "precision.dtype=bf16",
             "train.global_batch_size=8",
             "train.micro_batch_size=8",
             *(["distributed.device=cpu"] if rehearsal else []),
         ]
         cfg, _ = parse_config_args(["--model", "coatnet_debug", *overrides], config_parser("w"))
-        env = dist_env()
-        device = init_process_group(cfg, env).device
+        device = init_process_group(cfg, dist_env()).device
         seed_weights(cfg.train.seed)
-        model = build_sharded_model(cfg.model, stage, to_deepspeed_config(cfg, 1), device)
-        params = list(model.parameters())
+        ds_config = to_deepspeed_config(cfg, 1)
+        engine = build_engine(
+            build_sharded_model(cfg.model, stage, ds_config, device), cfg, ds_config
+        )
+        params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params) if stage == 3 else nullcontext():
-            weights[stage] = {
-                n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+            states[stage] = {
+                n: t.detach().float().cpu().clone()
+                for n, t in [*engine.module.named_parameters(), *engine.module.named_buffers()]
             }
-    diff = max((weights[2][n] - weights[3][n]).abs().max().item() for n in weights[2])
+            dtypes[stage] = sorted({str(t.dtype) for t in params})
+    diff = max((states[2][n] - states[3][n]).abs().max().item() for n in states[2])
+    shapes = all(states[2][n].shape == states[3][n].shape for n in states[2])
     (out / "init_weights.json").write_text(
-        json.dumps({"max_abs_diff": diff, "tensors": len(weights[2]), "device": str(device)})
+        json.dumps(
+            {
+                "max_abs_diff": diff,
+                "same_shapes": shapes,
+                "tensors": len(states[2]),
+                "param_dtypes": dtypes,
+                "device": str(device),
+            }
+        )
     )
 
 
@@ -516,7 +554,7 @@ def identical_init(out: Path, rehearsal: bool) -> dict[str, Any]:
         command.append("--rehearse")
     run(command, TRAIN_TIMEOUT_S)
     result = json.loads((out / "init_weights.json").read_text())
-    if result["max_abs_diff"] != 0:
+    if result["max_abs_diff"] != 0 or not result["same_shapes"]:
         raise CheckFailed(f"ZeRO-2 and ZeRO-3 initial weights differ: {result}")
     return result
 
@@ -581,6 +619,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the same sequence on the CPU with small sizes (checks this script, not a GPU)",
     )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=570,
+        help="stop starting checks (and cut running ones) after this many seconds",
+    )
+    parser.add_argument("--report-to", type=Path, help="also write report.md/json here")
     parser.add_argument("--worker-init-weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -603,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     ranks = 2 if rehearsal or gpus >= 2 else 1
     for stale in ("runs", "logs"):  # a previous check's run folders would be resumed
         shutil.rmtree(args.out / stale, ignore_errors=True)
-    report = Report(args.out, rehearsal)
+    DEADLINE[0] = time.monotonic() + args.deadline_s
+    report = Report(args.out, rehearsal, args.report_to)
     report.run("environment", lambda: environment(rehearsal))
     report.run("attention bias gradient", lambda: probe_attention("cpu" if rehearsal else "cuda"))
 
@@ -663,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         "needs a SLURM cluster with GPUs: run tests/slurm there",
     )
     report.skip("multi-node NCCL and the planner's network model", "needs 2+ nodes")
-    report.write()
+    print(f"gpu-check: report in {args.out / 'report.md'} and report.json")
     if report.failed:
         print(f"gpu-check: FAILED: {', '.join(report.failed)}")
         return 1

@@ -29,6 +29,7 @@ from coatnet_scale.distributed.device import (
     DeviceBinding,
     DeviceError,
     check_distinct_devices,
+    cpu_starvation,
     describe_rank,
     rank_report,
 )
@@ -71,15 +72,21 @@ def seed_rank_streams(seed: int, rank: int) -> None:
     torch.manual_seed(seed_for(seed, rank, 3))
 
 
-def report_ranks(binding: DeviceBinding, rank: int, run_dir: Path, notes: list[str]) -> None:
+def report_ranks(
+    binding: DeviceBinding, rank: int, run_dir: Path, loader_workers: int, notes: list[str]
+) -> None:
     """Every rank's host, device, CPU affinity and free memory, gathered on rank 0: written to
-    RUN/ranks.json and shown (a summary for large jobs). Two ranks on one GPU stop the run."""
+    RUN/ranks.json and shown (a summary for large jobs). Two ranks on one GPU stop the run; a
+    rank confined to one CPU while it has loader workers is warned about."""
     reports: list[dict] = [{}] * dist.get_world_size()
     dist.all_gather_object(reports, rank_report(rank, binding))
     check_distinct_devices(reports)
     if rank != 0:
         return
     (run_dir / "ranks.json").write_text(json.dumps(reports, indent=1) + "\n")
+    warning = cpu_starvation(reports, loader_workers)
+    if warning:
+        notes.append(warning)
     if len(reports) <= RANK_LINES_SHOWN:
         notes.extend(describe_rank(r) for r in reports)
         return
@@ -152,7 +159,7 @@ def train(cfg: Config) -> dict[str, float]:
         (run_dir / "config.yaml").write_text(redact(dump_yaml(cfg)))
     dist.barrier()
     notes: list[str] = []  # set-up messages, printed once the logger exists
-    report_ranks(binding, env.rank, run_dir, notes)
+    report_ranks(binding, env.rank, run_dir, cfg.data.num_workers, notes)
     seed_weights(cfg.train.seed)
     dtype = DTYPES[cfg.precision.dtype]
 
@@ -207,7 +214,8 @@ def train(cfg: Config) -> dict[str, float]:
     if device != binding.device:
         raise DeviceError(
             f"DeepSpeed placed rank {env.rank}'s model on {device}, but the rank is bound to "
-            f"{binding.device} (LOCAL_RANK={env.local_rank}); report this with RUN/ranks.json"
+            f"{binding.device}: DeepSpeed chose its accelerator from what torch saw (set "
+            "DS_ACCELERATOR=cpu for distributed.device=cpu; launch/pretrain.py does)"
         )
     ema = WeightEma(engine.module, cfg.train.ema_decay, device) if cfg.train.ema_decay > 0 else None
     normalizer = Normalizer(device, dtype)

@@ -8,6 +8,7 @@ size, MACs, per-rank memory, generated DeepSpeed config) without allocating weig
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
             file=sys.stderr,
         )
         raise SystemExit(2)
+    if cfg.distributed.device == "cpu":
+        # DeepSpeed picks its accelerator when first asked (CUDA wherever torch sees a GPU):
+        # the CPU on purpose means its CPU accelerator, and no GPU for anything else either.
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from coatnet_scale.distributed.device import DeviceError
     from coatnet_scale.train import train
 

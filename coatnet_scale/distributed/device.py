@@ -59,10 +59,10 @@ class DeviceBinding:
 
 def visible_device_index(local_rank: int, local_world_size: int, visible: int) -> int:
     """The index, among the devices this process sees, of the GPU for `local_rank`."""
-    if local_world_size <= visible:
-        return local_rank  # every rank of the node sees every GPU
     if visible == 1:
-        return 0  # the scheduler bound one GPU to this task
+        return 0  # the scheduler bound one GPU to this task (or the node has one)
+    if local_rank < visible and local_world_size <= visible:
+        return local_rank  # every rank of the node sees every GPU
     raise DeviceError(
         f"local rank {local_rank} of {local_world_size} on this node sees {visible} GPUs "
         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give every "
@@ -108,7 +108,9 @@ def bind_device(
     if choice == "cpu":
         return DeviceBinding(torch.device("cpu"))
     if not torch.cuda.is_available():
-        present = list(find_gpus()) if choice == "auto" else []
+        # GPUs hidden on purpose (a CPU job on a GPU node) are not a broken driver.
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+        present = list(find_gpus()) if choice == "auto" and not hidden else []
         if choice == "cuda" or present:
             shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
             what = f"this machine has GPUs ({shown})" if present else "distributed.device=cuda"
@@ -125,13 +127,16 @@ def bind_device(
 
 
 def configure_cuda_math(tf32: bool) -> None:
-    """TF32 for fp32 matmuls and convolutions (`precision.tf32`) and cuDNN's autotuner (input
-    shapes are fixed for a run, so the first step's search pays off)."""
+    """TF32 for fp32 matmuls and cuDNN (`precision.tf32`) and cuDNN's autotuner (input shapes are
+    fixed for a run, so the first step's search pays off).
+
+    Each flag is set through the API its readers use, because torch refuses to read a flag set
+    through the other one: cuBLAS through `fp32_precision` (inductor reads that), cuDNN through
+    `allow_tf32` (inductor's convolution templates read that; torch 2.14)."""
     if not torch.cuda.is_available():
         return
-    precision = "tf32" if tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
 
 
@@ -195,3 +200,16 @@ def check_distinct_devices(reports: Sequence[dict[str, Any]]) -> None:
                 "launcher's GPU binding"
             )
         owner[key] = report["rank"]
+
+
+def cpu_starvation(reports: Sequence[dict[str, Any]], loader_workers: int) -> str | None:
+    """A warning when ranks with loader workers may run on one CPU (srun without
+    --cpus-per-task on SLURM >= 22.05 binds each task to one)."""
+    starved = [str(r["rank"]) for r in reports if len(r["cpus"]) == 1]
+    if not starved or not loader_workers:
+        return None
+    return (
+        f"WARNING: rank(s) {', '.join(starved[:8])}{' ...' if len(starved) > 8 else ''} may use "
+        f"1 CPU for themselves and {loader_workers} loader workers: give each task more CPUs "
+        "(srun --cpus-per-task; the SLURM supervisor passes the allocation's on)"
+    )

@@ -24,7 +24,7 @@ from coatnet_scale.config import Config
 from coatnet_scale.distributed.device import DeviceBinding, bind_device, configure_cuda_math
 from coatnet_scale.distributed.env import DistEnv
 from coatnet_scale.models import CoAtNet, ModelConfig, adapt_state_dict, build_model
-from coatnet_scale.models.layers import init_module_
+from coatnet_scale.models.layers import fp32_batchnorm_statistics, init_module_
 from coatnet_scale.optim import build_optimizer, param_groups
 
 STEPS_PER_PRINT = 10**9  # we log ourselves; silence DeepSpeed's own step printing
@@ -190,6 +190,7 @@ def build_engine(model: CoAtNet, cfg: Config, ds_config: dict):
     else:
         optimizer = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    fp32_batchnorm_statistics(engine.module)  # before compile: see the function
     if cfg.train.compile:
         engine.compile()
     return engine

@@ -1,9 +1,10 @@
 """The one place that reads rank and world size from the environment.
 
 Launchers and what they set:
-- `deepspeed` (and `torchrun`, `accelerate launch`): RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
-  MASTER_ADDR, MASTER_PORT. The deepspeed launcher also passes `--local_rank=N` on the command
-  line, which the CLI accepts and ignores (shared/ON_THIS_MACHINE.md).
+- `deepspeed` (and `torchrun`, `accelerate launch`): RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+  MASTER_PORT, and the ranks on this node as LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE
+  (deepspeed). The deepspeed launcher also passes `--local_rank=N` on the command line, which the
+  CLI accepts and ignores.
 - `srun` (one task per GPU): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_NTASKS_PER_NODE /
   SLURM_TASKS_PER_NODE, SLURM_JOB_NODELIST, SLURM_JOB_ID. DeepSpeed's `init_distributed` does not
   read these (it falls back to MPI discovery, PRIOR_ART.md section 5), so they are mapped here, as
@@ -149,7 +150,8 @@ def dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
             rank=int(env["RANK"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
             world_size=world,
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            # torchrun/accelerate say LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
             launcher="torch",

@@ -128,9 +128,12 @@ def _transformer(
         saved += 3 * FP32 * dim * tokens + FP32 * heads * tokens * tokens
         largest = FP32 * heads * tokens * tokens
     else:
+        # The kernel aligns the bias's last dimension to 16 elements (PyTorch pads the mask and
+        # allocates the bias gradient padded): 49 -> 64, 196 -> 208 key columns.
+        keys = -(-tokens // 16) * 16
         saved += 4 * act * dim * tokens + FP32 * heads * tokens  # qkv, output; log-sum-exp
-        fixed += act * heads * tokens * tokens  # the gathered bias, saved for its gradient
-        backward = act * heads * tokens * tokens  # the bias gradient, expanded over the batch
+        fixed += act * heads * tokens * keys  # the gathered bias, saved for its gradient
+        backward = act * heads * tokens * keys  # the bias gradient, expanded over the batch
         largest = act * ffn * tokens
     saved += 2 * act * dim * tokens  # output projection: its input (a copy) and output
     saved += act * dim * tokens + NORM_STATS * tokens  # LN2 output and statistics

@@ -342,13 +342,26 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
+def _trunc_normal_(tensor: torch.Tensor, std: float) -> None:
+    """N(0, std) truncated at +-2, drawn in fp32 whatever the tensor's dtype, so a low-precision
+    parameter gets its fp32 draw rounded, exactly what casting an fp32-initialised model gives
+    (ZeRO-3 builds its parameters in the training dtype; ZeRO 0-2 in fp32, cast by DeepSpeed)."""
+    if tensor.dtype == torch.float32:
+        nn.init.trunc_normal_(tensor, std=std)
+        return
+    values = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+    nn.init.trunc_normal_(values, std=std)
+    with torch.no_grad():
+        tensor.copy_(values)
+
+
 def init_module_(module: nn.Module) -> None:
     """Initialise one module's own parameters and buffers, [MV] style: N(0, 0.02), zero biases.
 
     Kept per module so that a sharded build can initialise one module at a time.
     """
     if isinstance(module, nn.Conv2d | nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        _trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d | nn.LayerNorm):
@@ -357,8 +370,20 @@ def init_module_(module: nn.Module) -> None:
         if isinstance(module, nn.BatchNorm2d):
             module.reset_running_stats()
     elif isinstance(module, RelPosBias):
-        nn.init.trunc_normal_(module.table, std=0.02)
+        _trunc_normal_(module.table, std=0.02)
         module._cache = None
+
+
+def fp32_batchnorm_statistics(model: nn.Module) -> None:
+    """Running statistics back to fp32 after a low-precision build or cast (`zero.Init` makes every
+    buffer bf16/fp16). Done once, outside `forward`: the fallback in `BatchNorm2d.forward` changes
+    a buffer's dtype through `.data`, which torch.compile cannot trace."""
+    with torch.no_grad():
+        for m in model.modules():
+            stats = getattr(m, "running_mean", None)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and stats is not None:
+                m.running_mean.data = m.running_mean.float()
+                m.running_var.data = m.running_var.float()
 
 
 def grid_after(image_size: int, stride: int) -> tuple[int, int]:
@@ -374,6 +399,7 @@ __all__ = [
     "RelPosBias",
     "Stem",
     "TransformerBlock",
+    "fp32_batchnorm_statistics",
     "init_module_",
     "relative_position_index",
     "resize_rel_pos_table",

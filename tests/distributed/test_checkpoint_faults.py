@@ -110,9 +110,11 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path: Path) -
         before = newest
         wait_for(lambda before=before: newest_step(run) > before, proc)
         if round_index % 2 == 0:
-            # Kill as soon as the next save has begun writing, plus 0-60 ms: inside the save.
+            # Kill as soon as the next save has begun writing, plus 0-15 ms: inside the save (a
+            # save of this model takes ~20 ms on a 2-core CPU, a step ~40 ms; waiting up to 60 ms
+            # missed most saves).
             wait_for(lambda: any((run / "checkpoints").glob(".tmp-*")), proc)
-            time.sleep(rng.uniform(0.0, 0.06))
+            time.sleep(rng.uniform(0.0, 0.015))
         else:
             time.sleep(rng.uniform(0.0, 1.5))  # anywhere: mostly during saves at this cadence
         victim = rng.choice([0, 1])

@@ -39,6 +39,7 @@ class FakeNode:
         self.count = count
         self.current = 0
         self.set_device_calls: list[int] = []
+        self.rng_restored_on: list[int] = []  # the current device at each CUDA RNG restore
 
     def set_device(self, device) -> None:
         index = device if isinstance(device, int) else torch.device(device).index
@@ -52,7 +53,7 @@ class FakeNode:
         cuda.set_device = self.set_device
         cuda.current_device = lambda: self.current
         cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-        cuda.set_rng_state = lambda state, device="cuda": None
+        cuda.set_rng_state = lambda state, device="cuda": self.rng_restored_on.append(self.current)
         cuda.get_device_properties = lambda device=None: SimpleNamespace(
             name="Fake GPU", uuid=f"GPU-fake-{torch.device(device).index}", total_memory=80 * GIB
         )
@@ -158,6 +159,7 @@ def main() -> None:
         micro_batches += cfg.train.global_batch_size // cfg.train.micro_batch_size
     report |= {
         "set_device": node.set_device_calls,
+        "cuda_rng_restored_on": node.rng_restored_on,
         "requested": dict(mode.requested),
         "train_micro_batches": micro_batches,
         "ranks": json.loads((out / "run" / "ranks.json").read_text()),

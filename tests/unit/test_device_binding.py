@@ -4,6 +4,7 @@ CUDA mocked; GPUs that torch cannot use; SLURM node lists; what a rank reports a
 
 from __future__ import annotations
 
+import os
 import subprocess
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from coatnet_scale.distributed.device import (
     bind_device,
     check_distinct_devices,
     cpu_ranges,
+    cpu_starvation,
     describe_rank,
     visible_device_index,
 )
@@ -168,3 +170,54 @@ def test_the_entry_point_says_it_in_one_line(monkeypatch, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("device error: distributed.device=cuda but torch cannot use CUDA")
     assert len(err.splitlines()) == 1
+
+
+def test_deepspeeds_multi_node_launch_binds_the_local_gpu(fake_cuda) -> None:
+    """DeepSpeed's launcher says the ranks per node as LOCAL_SIZE (not LOCAL_WORLD_SIZE): on the
+    second of two 8-GPU nodes, rank 13 is local rank 5 of 8, not of 16."""
+    launcher = {
+        "RANK": "13",
+        "LOCAL_RANK": "5",
+        "WORLD_SIZE": "16",
+        "LOCAL_SIZE": "8",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500",
+    }
+    env = dist_env(launcher)
+    assert (env.local_rank, env.local_world_size, env.node_rank) == (5, 8, 1)
+    assert bind_device(env.local_rank, env.local_world_size, "auto").index == 5
+
+
+def test_gpus_hidden_on_purpose_mean_the_cpu(monkeypatch) -> None:
+    """A CPU job on a GPU node (CUDA_VISIBLE_DEVICES empty) is not a broken driver."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    binding = bind_device(0, 1, "auto", find_gpus=lambda: ["/dev/nvidia0"])
+    assert binding.device == torch.device("cpu")
+
+
+def test_cpu_on_purpose_hides_the_gpus_from_deepspeed_too(monkeypatch) -> None:
+    """DeepSpeed picks CUDA as its accelerator wherever torch sees a GPU; the entry point makes
+    `distributed.device=cpu` its CPU accelerator before DeepSpeed is imported."""
+    import coatnet_scale.train
+    from launch.pretrain import main
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    seen = {}
+
+    def fake_train(cfg):
+        seen.update(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR"), device=cfg.distributed.device)
+        seen["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return {}
+
+    monkeypatch.setattr(coatnet_scale.train, "train", fake_train)
+    main(["--model", "coatnet_debug", "data.train_shards=x.json", "distributed.device=cpu"])
+    assert seen == {"DS_ACCELERATOR": "cpu", "device": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_a_rank_confined_to_one_cpu_is_warned_about() -> None:
+    reports = [{"rank": 0, "cpus": [0, 1, 2, 3]}, {"rank": 1, "cpus": [4]}]
+    assert "rank(s) 1 may use 1 CPU" in cpu_starvation(reports, loader_workers=4)
+    assert cpu_starvation(reports, loader_workers=0) is None
+    assert cpu_starvation(reports[:1], loader_workers=4) is None

@@ -46,9 +46,10 @@ def test_no_tensor_of_the_loop_is_asked_for_on_another_gpu(report) -> None:
     assert requested["cuda:5"] >= 3 * report["train_micro_batches"]
 
 
-def test_the_restored_ema_lands_on_the_ranks_gpu(report) -> None:
+def test_the_restored_ema_and_rng_land_on_the_ranks_gpu(report) -> None:
     [(moved, tensors)] = report["ema_load_requests"]  # the second run resumed with EMA
     assert tensors > 0 and moved == tensors
+    assert report["cuda_rng_restored_on"] == [5]  # the resume, with GPU 5 current
 
 
 def test_the_rank_reports_its_device(report) -> None:

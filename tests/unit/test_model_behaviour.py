@@ -15,6 +15,7 @@ from coatnet_scale.models.layers import (
     BatchNorm2d,
     RelPosAttention,
     RelPosBias,
+    fp32_batchnorm_statistics,
     init_module_,
     relative_position_index,
     resize_rel_pos_table,
@@ -112,6 +113,33 @@ def test_compiled_model_trains_under_every_checkpointing_policy(policy: str) -> 
         reference.named_buffers(), compiled.named_buffers(), strict=True
     ):
         torch.testing.assert_close(buf_compiled, buf, msg=name)  # one update, not two
+
+
+def test_low_precision_parameters_get_the_rounded_fp32_initialisation() -> None:
+    """ZeRO-3 builds parameters in the training dtype, ZeRO 0-2 in fp32 (then cast): both must
+    start from the same weights, so the draw is made in fp32 either way."""
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.manual_seed(3)
+        reference = torch.nn.Linear(64, 32)
+        init_module_(reference)
+        torch.manual_seed(3)
+        low = torch.nn.Linear(64, 32).to(dtype)
+        init_module_(low)
+        assert torch.equal(low.weight, reference.weight.detach().to(dtype))
+
+
+def test_compiled_bf16_model_keeps_fp32_batchnorm_statistics() -> None:
+    """After a bf16 cast (DeepSpeed's, or zero.Init's), the statistics go back to fp32 once,
+    outside forward, so the compiled graph has no dtype-changing buffer update (fullgraph)."""
+    model = small(image_size=32).train().to(torch.bfloat16)
+    assert model.stem.norm1.running_mean.dtype == torch.bfloat16
+    fp32_batchnorm_statistics(model)
+    assert model.stem.norm1.running_mean.dtype == torch.float32
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and model.stem.norm1.running_mean.dtype == torch.float32
+    assert int(model.stem.norm1.num_batches_tracked) == 1
 
 
 def test_attention_uses_a_kernel_that_returns_the_bias_gradient(monkeypatch) -> None:

@@ -186,7 +186,7 @@ def test_the_planner_counts_the_attention_bias_gradient_of_the_fused_kernel() ->
     math = unit_footprints(cfg, 2, "math")
     s3 = next(u for u in fused if u.kind == "transformer" and u.stage == "s3")
     heads, tokens = 384 // 32, 14 * 14  # CoAtNet-0 S3: width 384, head size 32, 14 x 14
-    assert s3.backward_bytes == 2 * heads * tokens * tokens
+    assert s3.backward_bytes == 2 * heads * tokens * 208  # key columns padded to 16: 196 -> 208
     assert all(u.backward_bytes == 0 for u in math) and all(
         u.backward_bytes == 0 for u in fused if u.kind != "transformer"
     )
