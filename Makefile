@@ -68,6 +68,7 @@ format: $(STAMP)
 bench: $(STAMP)  ## every benchmark in bench/: bench/results.json and the table bench/results.md
 	$(PY) bench/model_step.py
 	$(PY) bench/data_pipeline.py
+	$(PY) bench/data_order.py
 	$(PY) bench/checkpoint_io.py
 	$(PY) bench/activation_checkpointing.py
 	$(PY) bench/zero_memory.py

@@ -43,7 +43,13 @@ class DataConfig:
     )
     val_shards: str | None = option(None, "validation shards: manifest JSON or brace pattern")
     num_workers: int = option(4, "loader worker processes per rank")
-    shuffle_buffer: int = option(5000, "samples held in the shuffle buffer per worker")
+    order: Literal["auto", "window", "global"] = option(
+        "auto",
+        "sample order of an epoch: window (shards permuted, samples shuffled within windows of "
+        "window_shards shards: mostly sequential reads), global (every sample permuted: random "
+        "reads), auto (window unless the manifest shows class-sorted shards)",
+    )
+    window_shards: int = option(8, "shards whose samples are shuffled together (window order)")
     sampling: Literal["exact", "resampled"] = option(
         "exact", "exact: each sample once per epoch, resumable; resampled: with replacement"
     )
@@ -73,8 +79,8 @@ class DataConfig:
             raise ConfigError("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
-        if self.shuffle_buffer < 1:
-            raise ConfigError("shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        if self.window_shards < 1:
+            raise ConfigError("window_shards", f"must be >= 1, got {self.window_shards}")
         if self.randaugment_n < 0 or not 0 <= self.randaugment_m <= 30:
             raise ConfigError("randaugment_m", "needs randaugment_n >= 0 and 0 <= magnitude <= 30")
         for key in ("mixup_alpha", "cutmix_alpha"):

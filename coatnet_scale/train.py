@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -22,9 +23,9 @@ import torch.distributed as dist
 from coatnet_scale import checkpoint
 from coatnet_scale.checkpoint import TrainerState, checkpoint_root
 from coatnet_scale.config import Config, config_hash, dump_yaml, to_dict
-from coatnet_scale.data.pipeline import BatchPlan, build_eval_loader, build_train_loader, seed_for
+from coatnet_scale.data.pipeline import BatchPlan, build_eval_loader, build_train_loader
 from coatnet_scale.data.transforms import Normalizer, build_mixup
-from coatnet_scale.distributed.collectives import any_rank, global_mean
+from coatnet_scale.distributed.collectives import global_mean, global_sum, largest
 from coatnet_scale.distributed.device import (
     DeviceBinding,
     DeviceError,
@@ -49,6 +50,7 @@ from coatnet_scale.losses import classification_loss
 from coatnet_scale.memory import device_memory_metrics
 from coatnet_scale.models.flops import total_macs
 from coatnet_scale.optim import lr_at, set_lr
+from coatnet_scale.seeding import seed_for
 from coatnet_scale.stop import StopRequest
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -175,6 +177,7 @@ def train(cfg: Config) -> dict[str, float]:
         cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size
     )
     train_loader = build_train_loader(cfg.data, cfg.model.image_size, plan, cfg.train.seed)
+    notes += train_loader.order_notes
     eval_loader = (
         build_eval_loader(
             cfg.data, cfg.model.image_size, cfg.train.micro_batch_size, env.rank, env.world_size
@@ -354,7 +357,7 @@ def train(cfg: Config) -> dict[str, float]:
                     "data_wait_share": window_wait / elapsed,
                     **device_memory_metrics(device),
                     "skipped_steps": guard.skipped,
-                    "bad_samples": train_loader.bad_samples,
+                    "bad_samples": global_sum(train_loader.bad_samples, device),
                     "mfu": flops_per_image * img_per_s / (cfg.logging.peak_flops * env.world_size),
                     "epoch": train_loader.state_dict()["epoch"],
                 }
@@ -365,6 +368,7 @@ def train(cfg: Config) -> dict[str, float]:
                     }
                 logger.log(done, metrics)
                 final.update(metrics)
+                train_loader.bad_summary()
                 window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
 
             last = done == cfg.train.total_steps
@@ -392,15 +396,16 @@ def train(cfg: Config) -> dict[str, float]:
                 cfg.checkpoint.every_minutes and minutes >= cfg.checkpoint.every_minutes
             )
             # Ranks' clocks and signals differ: they agree (one tiny all-reduce) on saving and
-            # stopping, so all of them do the same.
-            save_now, stop_now = any_rank([bool(due), stop.requested], device)
+            # on stopping, and on which signal asked for it, so all of them do the same.
+            due_anywhere, signum = largest([float(bool(due)), float(stop.received or 0)], device)
+            save_now, stop_now = due_anywhere > 0, signum > 0
             if last or save_now or stop_now:
                 save(done)
                 last_save = time.monotonic()
             if stop_now and not last:
                 logger.message(
-                    f"stop requested ({stop.received.name if stop.received else 'another rank'})"
-                    f": stopped after step {done} with a checkpoint; the same command resumes"
+                    f"stop requested ({signal.Signals(int(signum)).name}): stopped after step "
+                    f"{done} with a checkpoint; the same command resumes"
                 )
                 final["stopped"] = 1.0
                 break

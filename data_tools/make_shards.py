@@ -4,15 +4,24 @@
         --shard-samples 1000 --workers 8 --resize-shorter 512
     python -m data_tools.make_shards --list labels.tsv /shards/mine --name train
 
-Output: OUT/NAME-000000.tar ... (`KEY.jpg`, `KEY.cls`, `KEY.json`) and OUT/NAME.json, a manifest
-that coatnet_scale's pipeline, webdataset and wids all read. Each shard is written under a
-temporary name and renamed when complete; re-running skips the shards already finished.
+Output: OUT/NAME-000000.tar ... (`KEY.jpg`, `KEY.cls`, `KEY.json` with the source path) and
+OUT/NAME.json, a manifest that coatnet_scale's pipeline, webdataset and wids all read, with each
+shard's label histogram, the shuffle seed and every input that was left out.
+
+The inputs are shuffled (seeded, `--seed`; `--no-shuffle` keeps the given order): an ImageFolder
+listed class by class would otherwise give shards of one or two classes each, and batches read a
+few shards at a time would hold a handful of classes. Every image is decoded completely before it
+is stored, EXIF orientation applied; truncated, empty, non-image and unreadable files are skipped
+and each is named with the reason, on the console and in the manifest. Each shard is written
+under a temporary name and renamed when complete; re-running skips the shards already finished
+(and reports their skipped inputs again).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import random
 import sys
 from collections.abc import Iterator, Sequence
 from multiprocessing import Pool
@@ -23,6 +32,7 @@ from tqdm import tqdm
 from coatnet_scale.data.shards import write_manifest
 from data_tools.writer import ShardJob, ShardResult, SourceSample, write_shard
 
+SHOWN_SKIPS = 50  # skipped inputs printed one by one; the manifest lists them all
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
@@ -111,10 +121,15 @@ def make_shards(
     quality: int = 90,
     with_json: bool = True,
     progress: bool = True,
+    shuffle_seed: int | None = 0,
 ) -> tuple[list[ShardResult], Path]:
-    """Write all shards (in parallel) and the manifest; returns the results and manifest path."""
+    """Write all shards (in parallel) and the manifest; returns the results and manifest path.
+    `shuffle_seed` None keeps the order of `items`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(items[0][0]).parent.parent if items else out_dir
+    if shuffle_seed is not None:
+        items = list(items)
+        random.Random(shuffle_seed).shuffle(items)
     jobs = []
     for shard_index, members in enumerate(plan_shards(items, shard_samples, shard_bytes)):
         samples = tuple(
@@ -138,7 +153,11 @@ def make_shards(
             bar.update(len(jobs[len(results) - 1].samples))
     bar.close()
     manifest_path = out_dir / f"{name}.json"
-    write_manifest(manifest_path, name, [r.info for r in results], classes)
+    skipped = [
+        {"source": source, "reason": reason} for r in results for source, reason in r.skipped
+    ]
+    extra = {"shuffle_seed": shuffle_seed, "skipped": skipped}
+    write_manifest(manifest_path, name, [r.info for r in results], classes, extra)
     return results, manifest_path
 
 
@@ -184,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     parser.add_argument("--no-json", action="store_true", help="do not store KEY.json metadata")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the input shuffle")
+    parser.add_argument(
+        "--no-shuffle", action="store_true", help="keep the input order (class-sorted shards!)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -209,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.quality,
             not args.no_json,
             not args.quiet,
+            None if args.no_shuffle else args.seed,
         )
     except (InputError, OSError) as err:
         print(f"make_shards: error: {err}", file=sys.stderr)
@@ -220,10 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(results)} shards ({reused} already finished), {total} samples, "
         f"{len(classes)} classes -> {manifest}"
     )
-    for key, reason in skipped[:20]:
-        print(f"skipped {key}: {reason}", file=sys.stderr)
+    for source, reason in skipped[:SHOWN_SKIPS]:
+        print(f"skipped {source}: {reason}", file=sys.stderr)
     if skipped:
-        print(f"{len(skipped)} source images could not be read and were skipped", file=sys.stderr)
+        more = f" (the first {SHOWN_SKIPS} above)" if len(skipped) > SHOWN_SKIPS else ""
+        print(
+            f"{len(skipped)} source images could not be read and were skipped{more}; every one "
+            f"is listed under 'skipped' in {manifest}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -1,5 +1,6 @@
 """Verify shards against their manifest: files, sizes, checksums, sample counts, decodable images
-and labels. Prints every problem with its shard and sample key; exits 1 when there is any.
+and labels. Prints every problem with its shard, sample key and source path (from KEY.json);
+exits 1 when there is any.
 
     python -m data_tools.verify_shards data/demo/train.json [--sample-fraction 0.1] [--no-decode]
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from coatnet_scale.data.reader import source_path
 from coatnet_scale.data.shards import (
     IMAGE_EXTS,
     Manifest,
@@ -52,9 +54,9 @@ def verify_shard(
         if fraction < 1 and rng.random() >= fraction:
             continue
         key, members = index.read(i)
-        problems.extend(
-            f"{name}: sample {key}: {p}" for p in check_sample(members, num_classes, decode)
-        )
+        origin = source_path(members)
+        where = f"{name}: sample {key}{f' ({origin})' if origin else ''}"
+        problems.extend(f"{where}: {p}" for p in check_sample(members, num_classes, decode))
     return problems
 
 

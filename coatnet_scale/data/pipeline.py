@@ -1,33 +1,16 @@
-"""Training and evaluation input pipelines over WebDataset shards, resumable and elastic.
+"""The training and evaluation loaders: streams of batches over the shards, loader workers, the
+resumable position, bad-sample accounting.
 
-The guarantee (exact mode)
---------------------------
-The run reads an infinite sequence of *slots* 0, 1, 2, ...; slot s holds one sample, and what it
-holds is a pure function of (seed, manifests, weights, s), independent of the number of ranks and
-loader workers. Optimizer step k (counting from the start of the run) consumes slots
-[k*G, (k+1)*G) where G is the global batch: rank r takes the contiguous slice
-[k*G + r*G/W, k*G + (r+1)*G/W), cut into micro-batches for gradient accumulation. The position is
-therefore one number, the slots consumed (`samples_consumed`), and after a resume the run continues
-with slot `samples_consumed`, whatever W, the micro-batch or the worker count now are: within each
-epoch of each source no sample is repeated and none is skipped. Every rank yields the same number
-of batches whatever the shard sizes (slots, not shards, are split), so no rank waits at a
-collective for another that ran out of data.
-
-Which sample a slot holds: with one source, slot s is position s mod N of epoch s // N of that
-source. An epoch's order is a shard-window shuffle: shards are permuted by (seed, epoch), grouped
-into windows of `window_shards` consecutive shards, and the samples of each window are permuted by
-(seed, epoch, window). That is the randomness of a shuffle buffer spanning a few shards, but
-deterministic and addressable, and a reader touches only one window's shards at a time. Several
-sources are interleaved in blocks of `MIX_BLOCK` slots holding each source in proportion to its
-weight (largest remainder), shuffled by (seed, block); each source then walks its own epochs.
-
-Resampled mode draws slot s's sample uniformly with replacement (hash of seed and s): no epochs,
-still resumable from the same single number.
+Which sample each slot holds is `order.py`'s (pure, no I/O; its docstring states the exact and
+elastic resume guarantee); reading and what counts as bad data is `reader.py`'s; decoding and
+augmenting one sample is `transforms.py`'s.
 
 Bad data: a missing shard, a truncated tar, an undecodable image or a missing label makes that
-sample "bad": it is counted, logged (rate-limited), and its place in the batch is filled by a copy
-of a good sample of the same batch with `valid` False, so batch shapes and counts never change.
-The run stops with `DataError` only when the share of bad samples exceeds `max_bad_fraction`.
+sample "bad": its place in the batch is filled by a copy of a good sample of the same batch with
+`valid` False, so batch shapes and counts never change. The first `NAMED_BAD` bad samples of a
+run are each named in the log (shard, key, source path, reason), later ones are summarised
+(`TrainLoader.bad_summary`). The run stops with `DataError` only when the share of bad samples
+exceeds `max_bad_fraction`.
 """
 
 from __future__ import annotations
@@ -35,230 +18,40 @@ from __future__ import annotations
 import logging
 import random
 import signal
-import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from coatnet_scale.config import DataConfig
-from coatnet_scale.data.shards import IMAGE_EXTS, Manifest, TarIndex, resolve_shards
+from coatnet_scale.data.order import BatchPlan, SampleOrder, choose_order
+from coatnet_scale.data.reader import (
+    DATA_ERRORS,
+    ShardReader,
+    describe_bad,
+    image_and_label,
+)
+from coatnet_scale.data.shards import Manifest, resolve_shards
 from coatnet_scale.data.transforms import TrainAugment, decode_eval, decode_train
+from coatnet_scale.seeding import seed_for
 from coatnet_scale.stop import STOP_SIGNALS
 
 log = logging.getLogger("coatnet_scale.data")
 
-MIX_BLOCK = 1000  # slots per interleaving block when several sources are mixed
-WINDOW_SHARDS = 8  # shards whose samples are shuffled together
 MIN_SAMPLES_BEFORE_LIMIT = 1000  # the bad-sample share is enforced after this many samples
-_MASK64 = (1 << 64) - 1
+NAMED_BAD = 20  # bad samples named one by one in the log; later ones are summarised
+
+Item = tuple[str, torch.Tensor, int]
 
 
 class DataError(RuntimeError):
     """The input data is too damaged to go on (bad share above the configured limit)."""
 
 
-def seed_for(*values: int) -> int:
-    """A 64-bit hash of integers (splitmix64 chain): cheap, stateless per-slot randomness."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
-        x ^= x >> 31
-    return x
-
-
-def _rng(*values: int) -> np.random.Generator:
-    return np.random.default_rng(seed_for(*values))
-
-
-# ---- which sample each slot holds --------------------------------------------------------------
-
-
-class _EpochOrder:
-    """The shard-window shuffled order of one epoch of one source."""
-
-    def __init__(self, counts: np.ndarray, starts: np.ndarray, seed: int, source: int, epoch: int):
-        self.key = (seed, source, epoch)
-        self.shard_order = _rng(seed, source, epoch).permutation(len(counts))
-        windows = [
-            self.shard_order[i : i + WINDOW_SHARDS] for i in range(0, len(counts), WINDOW_SHARDS)
-        ]
-        self.windows = windows
-        self.window_ends = np.cumsum([counts[w].sum() for w in windows])
-        self.counts, self.starts = counts, starts
-        self._window_cache: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def sample(self, offset: int) -> int:
-        w = int(np.searchsorted(self.window_ends, offset, side="right"))
-        inner = offset - (int(self.window_ends[w - 1]) if w else 0)
-        return int(self._window(w)[inner])
-
-    def _window(self, w: int) -> np.ndarray:
-        if w not in self._window_cache:
-            members = np.concatenate(
-                [
-                    np.arange(self.starts[s], self.starts[s] + self.counts[s])
-                    for s in self.windows[w]
-                ]
-            )
-            self._window_cache[w] = members[_rng(*self.key, w).permutation(len(members))]
-            if len(self._window_cache) > 4:
-                self._window_cache.popitem(last=False)
-        return self._window_cache[w]
-
-
-class SampleOrder:
-    """Maps a slot of the run to (source, sample index within that source)."""
-
-    def __init__(
-        self,
-        counts: Sequence[Sequence[int]],
-        weights: Sequence[float],
-        seed: int,
-        mode: str = "exact",
-    ) -> None:
-        if mode not in ("exact", "resampled"):
-            raise ValueError(f"sampling mode must be exact or resampled, not {mode!r}")
-        self.counts = [np.asarray(c, dtype=np.int64) for c in counts]
-        self.starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in self.counts]
-        self.sizes = [int(c.sum()) for c in self.counts]
-        if any(size == 0 for size in self.sizes):
-            raise ValueError("a data source has no samples")
-        self.seed, self.mode = seed, mode
-        if len(weights) != len(self.counts) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"need one non-negative weight per source, got {list(weights)}")
-        # Slots per block for each source: largest-remainder rounding of MIX_BLOCK * weight.
-        quotas = [MIX_BLOCK * w / sum(weights) for w in weights]
-        per_block = [int(q) for q in quotas]
-        shortfall = MIX_BLOCK - sum(per_block)
-        by_remainder = sorted(range(len(quotas)), key=lambda i: per_block[i] - quotas[i])
-        for i in by_remainder[:shortfall]:
-            per_block[i] += 1
-        self.per_block = per_block
-        self._epochs: OrderedDict[tuple[int, int], _EpochOrder] = OrderedDict()
-
-    @lru_cache(maxsize=8)  # noqa: B019  (one small cache per order object, lives as long)
-    def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """Source of every slot of a block, and each slot's rank among its source's slots."""
-        sources = np.repeat(np.arange(len(self.per_block)), self.per_block)
-        sources = sources[_rng(self.seed, 0xB10C, block).permutation(MIX_BLOCK)]
-        ranks = np.zeros(MIX_BLOCK, dtype=np.int64)
-        for i in range(len(self.per_block)):
-            mask = sources == i
-            ranks[mask] = np.arange(mask.sum())
-        return sources, ranks
-
-    def source_position(self, slot: int) -> tuple[int, int]:
-        """(source, how many earlier slots of the run went to that source)."""
-        if len(self.per_block) == 1:
-            return 0, slot
-        block, inner = divmod(slot, MIX_BLOCK)
-        sources, ranks = self._block(block)
-        source = int(sources[inner])
-        return source, block * self.per_block[source] + int(ranks[inner])
-
-    def locate(self, slot: int) -> tuple[int, int]:
-        """(source, sample index within the source's concatenated shards) held by `slot`."""
-        source, position = self.source_position(slot)
-        if self.mode == "resampled":
-            return source, seed_for(self.seed, 0x5A3D, slot) % self.sizes[source]
-        epoch, offset = divmod(position, self.sizes[source])
-        return source, self._epoch(source, epoch).sample(offset)
-
-    def epoch_of(self, slot: int, source: int = 0) -> tuple[int, int]:
-        """(epoch, samples into that epoch) of `source` once `slot` slots are consumed."""
-        if len(self.per_block) == 1:
-            return divmod(slot, self.sizes[0])
-        block, inner = divmod(slot, MIX_BLOCK)
-        done = block * self.per_block[source]
-        if inner:
-            sources, _ = self._block(block)
-            done += int((sources[:inner] == source).sum())
-        return divmod(done, self.sizes[source])
-
-    def _epoch(self, source: int, epoch: int) -> _EpochOrder:
-        key = (source, epoch)
-        if key not in self._epochs:
-            self._epochs[key] = _EpochOrder(
-                self.counts[source], self.starts[source], self.seed, source, epoch
-            )
-            if len(self._epochs) > 2 * len(self.counts):
-                self._epochs.popitem(last=False)
-        return self._epochs[key]
-
-
-# ---- reading samples -------------------------------------------------------------------------
-
-
-class ShardReader:
-    """Reads sample i of a source through an LRU of open shard indexes; failures are cached."""
-
-    def __init__(self, manifests: Sequence[Manifest], open_shards: int = 16) -> None:
-        self.manifests = list(manifests)
-        self.bounds = [np.cumsum([s.nsamples for s in m.shards]) for m in manifests]
-        self.open_shards = open_shards
-        self._open: OrderedDict[str, TarIndex | Exception] = OrderedDict()
-
-    def read(self, source: int, index: int) -> tuple[str, dict[str, bytes]]:
-        bounds = self.bounds[source]
-        shard = int(np.searchsorted(bounds, index, side="right"))
-        inner = index - (int(bounds[shard - 1]) if shard else 0)
-        path = self.manifests[source].shards[shard].path
-        tar = self._shard(path)
-        if isinstance(tar, Exception):
-            raise tar
-        if inner >= len(tar):
-            raise IndexError(f"{path} holds {len(tar)} samples, the manifest more (truncated?)")
-        return tar.read(inner)
-
-    def _shard(self, path: str) -> TarIndex | Exception:
-        if path in self._open:
-            self._open.move_to_end(path)
-            return self._open[path]
-        try:
-            tar: TarIndex | Exception = TarIndex(path)
-        except Exception as err:
-            tar = OSError(f"cannot open shard {path}: {err}")
-        self._open[path] = tar
-        if len(self._open) > self.open_shards:
-            _, old = self._open.popitem(last=False)
-            if isinstance(old, TarIndex):
-                old.close()
-        return tar
-
-
-def image_and_label(key: str, data: dict[str, bytes]) -> tuple[bytes, int]:
-    """The encoded image and integer label of a sample, or a KeyError/ValueError saying which
-    member is missing or malformed."""
-    image = next((data[ext] for ext in IMAGE_EXTS if ext in data), None)
-    if image is None:
-        raise KeyError(f"sample {key} has no image member ({', '.join(IMAGE_EXTS)})")
-    if "cls" not in data:
-        raise KeyError(f"sample {key} has no .cls member (missing label)")
-    return image, int(data["cls"].decode().strip())
-
-
-class _RateLimitedWarning:
-    def __init__(self, interval_s: float = 30.0) -> None:
-        self.interval_s, self.last, self.suppressed = interval_s, -1e9, 0
-
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.interval_s:
-            extra = f" (+{self.suppressed} more since the last warning)" if self.suppressed else ""
-            log.warning("%s%s", message, extra)
-            self.last, self.suppressed = now, 0
-        else:
-            self.suppressed += 1
-
-
 def _assemble(
-    items: list[tuple[str, torch.Tensor, int] | None],
+    items: list[Item | None],
+    bad: list[str],
     slots: Sequence[int],
     image_size: int,
     padding: int = 0,
@@ -277,43 +70,22 @@ def _assemble(
         "slot": torch.tensor(list(slots), dtype=torch.long),
         "valid": valid,
         "bad": int((~valid).sum()) - padding,
+        "bad_reasons": bad,
     }
 
 
+def _read(reader: ShardReader, source: int, index: int, decode) -> tuple[Item | None, str | None]:
+    """One sample through `decode`, or None and the line naming it when its data is bad."""
+    key, data = None, None
+    try:
+        key, data = reader.read(source, index)
+        image, label = image_and_label(data)
+        return (key, decode(image), label), None
+    except DATA_ERRORS as err:
+        return None, describe_bad(*reader.where(source, index), key, data, err)
+
+
 # ---- training batches ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How one optimizer step's slots are cut: global batch G over W ranks, micro-batches of m."""
-
-    global_batch: int
-    micro_batch: int
-    rank: int
-    world_size: int
-
-    def __post_init__(self) -> None:
-        per_rank, rest = divmod(self.global_batch, self.world_size)
-        if rest or per_rank % self.micro_batch:
-            raise ValueError(
-                f"global batch {self.global_batch} does not split into {self.world_size} ranks x "
-                f"micro-batches of {self.micro_batch}"
-            )
-
-    @property
-    def accumulation(self) -> int:
-        return self.global_batch // (self.world_size * self.micro_batch)
-
-    def micro_slots(self, start: int, micro_index: int) -> range:
-        """Slots of this rank's `micro_index`-th micro-batch after slot `start`."""
-        step, a = divmod(micro_index, self.accumulation)
-        first = (
-            start
-            + step * self.global_batch
-            + self.rank * (self.global_batch // self.world_size)
-            + a * self.micro_batch
-        )
-        return range(first, first + self.micro_batch)
 
 
 class TrainStream(IterableDataset):
@@ -336,34 +108,34 @@ class TrainStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader = ShardReader(self.manifests)
         randaugment = self.augment.randaugment()
-        warn = _RateLimitedWarning()
         micro = worker
         while True:
             slots = self.plan.micro_slots(self.start, micro)
-            items = [self._sample(reader, slot, randaugment, warn) for slot in slots]
-            yield _assemble(items, slots, self.augment.image_size)
+            items, bad = [], []
+            for slot in slots:
+                item, reason = self._sample(reader, slot, randaugment)
+                items.append(item)
+                if reason is not None:
+                    bad.append(reason)
+            yield _assemble(items, bad, slots, self.augment.image_size)
             micro += workers
 
-    def _sample(self, reader, slot, randaugment, warn):
+    def _sample(
+        self, reader: ShardReader, slot: int, randaugment
+    ) -> tuple[Item | None, str | None]:
         source, index = self.order.locate(slot)
         per_slot = seed_for(self.order.seed, 0xA06, slot)
         random.seed(per_slot)
         np.random.seed(per_slot % (1 << 32))  # timm's RandAugment picks ops with numpy
-        try:
-            key, data = reader.read(source, index)
-            image, label = image_and_label(key, data)
-            return key, decode_train(image, self.augment, randaugment), label
-        except Exception as err:
-            warn(f"skipping bad sample (source {source}, index {index}): {err}")
-            return None
+        return _read(reader, source, index, lambda b: decode_train(b, self.augment, randaugment))
 
 
 class TrainLoader:
     """A DataLoader over `TrainStream` that knows its position in the run.
 
     `state_dict()` after N optimizer steps' worth of micro-batches is the resumable position
-    (see the module docstring); `load_state_dict` before iterating continues from it, on any
-    number of ranks or workers.
+    (order.py); `load_state_dict` before iterating continues from it, on any number of ranks or
+    workers.
     """
 
     def __init__(
@@ -376,18 +148,33 @@ class TrainLoader:
         augment: TrainAugment,
         num_workers: int,
         max_bad_fraction: float,
+        order: str = "auto",
+        window_shards: int = 8,
     ) -> None:
         self.manifests, self.plan, self.seed, self.mode = list(manifests), plan, seed, mode
         self.augment, self.num_workers = augment, num_workers
         self.max_bad_fraction = max_bad_fraction
+        batches = (plan.micro_batch, plan.global_batch)
+        choices = [
+            choose_order(order, m.name, m.shard_labels(), window_shards, batches) for m in manifests
+        ]
+        self.order_notes = [c.note for c in choices]
         self.order = SampleOrder(
-            [[s.nsamples for s in m.shards] for m in manifests], weights, seed, mode
+            [[s.nsamples for s in m.shards] for m in manifests],
+            weights,
+            seed,
+            mode,
+            [c.order for c in choices],
+            window_shards,
         )
+        self.order_key = f"{','.join(self.order.orders)}/{window_shards}"
         self.fingerprint = ",".join(m.fingerprint() for m in manifests) + f";{list(weights)}"
         self.start = 0
         self.micro_batches_consumed = 0
         self.samples_seen = 0
         self.bad_samples = 0
+        self.named: list[str] = []
+        self._reported_bad = 0
 
     @property
     def samples_consumed(self) -> int:
@@ -408,6 +195,7 @@ class TrainLoader:
             "samples_into_epoch": into,
             "seed": self.seed,
             "mode": self.mode,
+            "order": self.order_key,
             "fingerprint": self.fingerprint,
         }
 
@@ -416,6 +204,14 @@ class TrainLoader:
             raise ValueError(
                 f"data position was saved with seed {state['seed']} / {state['mode']} sampling, "
                 f"this run uses seed {self.seed} / {self.mode}"
+            )
+        # positions saved before data.order existed were all in window order over 8 shards
+        saved_order = state.get("order") or ",".join(["window"] * len(self.manifests)) + "/8"
+        if saved_order != self.order_key:
+            raise ValueError(
+                f"data position was saved with sample order {saved_order} (order/window "
+                f"shards), this run resolves to {self.order_key}: set data.order and "
+                "data.window_shards as they were, or start a new run"
             )
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(
@@ -449,17 +245,38 @@ class TrainLoader:
     def _account(self, batch: dict) -> None:
         self.samples_seen += len(batch["valid"])
         self.bad_samples += batch["bad"]
+        for reason in batch["bad_reasons"]:
+            if len(self.named) < NAMED_BAD:
+                self.named.append(reason)
+                log.warning("bad sample %d: %s", len(self.named), reason)
         every_sample_bad = self.bad_samples == self.samples_seen >= 2 * self.plan.micro_batch
         over_limit = (
             self.samples_seen >= MIN_SAMPLES_BEFORE_LIMIT
             and self.bad_samples > self.max_bad_fraction * self.samples_seen
         )
         if every_sample_bad or over_limit:
+            sources = ", ".join(m.source for m in self.manifests)
             raise DataError(
-                f"{self.bad_samples} of {self.samples_seen} samples could not be read "
-                f"(limit data.max_bad_fraction={self.max_bad_fraction}); check the shards with "
-                "`python -m data_tools.verify_shards MANIFEST`"
+                f"{self.bad_samples} of {self.samples_seen} samples on this rank are bad data "
+                f"(limit data.max_bad_fraction={self.max_bad_fraction}), e.g. "
+                + "; ".join(self.named[:3])
+                + f". `python -m data_tools.verify_shards` on {sources} lists every damaged "
+                "sample; rewrite those shards (data_tools.make_shards) or raise the limit"
             )
+
+    def bad_summary(self) -> str | None:
+        """Logs (and returns) a line on the bad samples since the previous call, beyond those
+        already named one by one; the training loop calls it once per log interval."""
+        new = self.bad_samples - max(self._reported_bad, len(self.named))
+        self._reported_bad = self.bad_samples
+        if new <= 0:
+            return None
+        line = (
+            f"{new} more bad sample(s) on this rank ({self.bad_samples} of "
+            f"{self.samples_seen} so far; the first {len(self.named)} are named above)"
+        )
+        log.warning("%s", line)
+        return line
 
 
 # ---- evaluation batches ----------------------------------------------------------------------
@@ -494,22 +311,23 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader = ShardReader([self.manifest])
-        warn = _RateLimitedWarning()
         for b in range(worker, self.num_batches, workers):
             start = self.first + b * self.micro_batch
             slots = range(start, start + self.micro_batch)
-            items = [self._sample(reader, i, warn) if i < self.last else None for i in slots]
+            items, bad = [], []
+            for i in slots:
+                if i >= self.last:
+                    items.append(None)
+                    continue
+                item, reason = _read(
+                    reader, 0, i, lambda b: decode_eval(b, self.image_size, self.crop_pct)
+                )
+                items.append(item)
+                if reason is not None:
+                    log.warning("bad validation sample: %s", reason)
+                    bad.append(reason)
             padding = sum(1 for i in slots if i >= self.last)
-            yield _assemble(items, slots, self.image_size, padding)
-
-    def _sample(self, reader, index, warn):
-        try:
-            key, data = reader.read(0, index)
-            image, label = image_and_label(key, data)
-            return key, decode_eval(image, self.image_size, self.crop_pct), label
-        except Exception as err:
-            warn(f"skipping bad validation sample {index}: {err}")
-            return None
+            yield _assemble(items, bad, slots, self.image_size, padding)
 
 
 def eval_loader(
@@ -581,6 +399,8 @@ def build_train_loader(cfg: DataConfig, image_size: int, plan: BatchPlan, seed: 
         augment,
         cfg.num_workers,
         cfg.max_bad_fraction,
+        cfg.order,
+        cfg.window_shards,
     )
 
 
@@ -599,3 +419,14 @@ def build_eval_loader(
         cfg.eval_crop_pct,
         cfg.num_workers,
     )
+
+
+__all__ = [
+    "BatchPlan",
+    "DataError",
+    "SampleOrder",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "eval_loader",
+]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 
 from coatnet_scale.files import atomic_write_text
 
@@ -39,6 +40,7 @@ class ShardInfo:
     nsamples: int
     filesize: int = 0
     sha256: str | None = None
+    labels: tuple[tuple[int, int], ...] | None = None  # (class, count) pairs, when known
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,12 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(s.filesize for s in self.shards)
 
+    def shard_labels(self) -> list[dict[int, int]] | None:
+        """Per-shard label histograms (None unless every shard has one)."""
+        if any(s.labels is None for s in self.shards):
+            return None
+        return [dict(s.labels) for s in self.shards]
+
     def fingerprint(self) -> str:
         """Identifies the sample order: shard names and counts (not their absolute location)."""
         text = json.dumps([(Path(s.path).name, s.nsamples) for s in self.shards])
@@ -65,16 +73,23 @@ class Manifest:
 
 
 def write_manifest(
-    path: str | Path, name: str, shards: Sequence[ShardInfo], classes: Sequence[str]
+    path: str | Path,
+    name: str,
+    shards: Sequence[ShardInfo],
+    classes: Sequence[str],
+    extra: dict | None = None,
 ) -> Manifest:
-    """Write a wids-compatible manifest; shard URLs are stored relative to the manifest."""
+    """Write a wids-compatible manifest; shard URLs are stored relative to the manifest. Each
+    shard's label histogram goes with it (`labels`, class -> count) when known; `extra` adds
+    top-level fields (make_shards: the shuffle seed and the skipped inputs)."""
     path = Path(path)
     entries = []
     for s in shards:
         rel = os.path.relpath(s.path, path.parent)
-        entries.append(
-            {"url": rel, "nsamples": s.nsamples, "filesize": s.filesize, "sha256": s.sha256}
-        )
+        entry = {"url": rel, "nsamples": s.nsamples, "filesize": s.filesize, "sha256": s.sha256}
+        if s.labels is not None:
+            entry["labels"] = {str(c): n for c, n in s.labels}
+        entries.append(entry)
     body = {
         "__kind__": MANIFEST_KIND,
         "wids_version": 1,
@@ -83,6 +98,7 @@ def write_manifest(
         "classes": list(classes),
         "total_samples": sum(s.nsamples for s in shards),
         "total_bytes": sum(s.filesize for s in shards),
+        **(extra or {}),
     }
     atomic_write_text(path, json.dumps(body, indent=1) + "\n")
     return Manifest(name, tuple(shards), tuple(classes), str(path))
@@ -108,6 +124,9 @@ def load_manifest(path: str | Path) -> Manifest:
             int(e["nsamples"]),
             int(e.get("filesize", 0)),
             e.get("sha256"),
+            tuple(sorted((int(c), int(n)) for c, n in e["labels"].items()))
+            if isinstance(e.get("labels"), dict)
+            else None,
         )
         for e in body["shardlist"]
     )
@@ -145,15 +164,25 @@ def split_key(member_name: str) -> tuple[str, str]:
 class TarIndex:
     """Random access to the samples (consecutive members sharing a key) of one tar shard.
 
-    Indexing reads only the 512-byte headers. A truncated or damaged tail ends the index at the
-    last complete member (`truncated` is then True); those samples are simply absent.
+    Indexing reads only the 512-byte headers, once. What it keeps is compact (numpy arrays:
+    per member its data offset, size and extension; per sample its key and first member; a few
+    tens of bytes per sample), so a reader can keep the index of every shard of a large dataset;
+    a sample is then one `pread` from its first member's data to its last one's end. A truncated
+    or damaged tail ends the index at the last complete member (`truncated` is then True); those
+    samples are simply absent.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._fd: int | None = None
         self.truncated = False
-        self.samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+        keys: list[str] = []
+        firsts: list[int] = []
+        offsets: list[int] = []
+        sizes: list[int] = []
+        ext_codes: list[int] = []
+        self.exts: list[str] = []
+        codes: dict[str, int] = {}
         size = os.path.getsize(self.path)
         try:
             with tarfile.open(self.path, mode="r:") as tar:
@@ -164,25 +193,43 @@ class TarIndex:
                         self.truncated = True
                         break
                     key, ext = split_key(member.name)
-                    if not self.samples or self.samples[-1][0] != key:
-                        self.samples.append((key, {}))
-                    self.samples[-1][1][ext] = (member.offset_data, member.size)
+                    if not keys or keys[-1] != key:
+                        keys.append(key)
+                        firsts.append(len(offsets))
+                    if ext not in codes:
+                        codes[ext] = len(self.exts)
+                        self.exts.append(ext)
+                    offsets.append(member.offset_data)
+                    sizes.append(member.size)
+                    ext_codes.append(codes[ext])
         except tarfile.ReadError:
-            if not self.samples:
+            if not keys:
                 raise
             self.truncated = True
+        self.keys = np.array(keys, dtype=np.str_)
+        self.first_member = np.array([*firsts, len(offsets)], dtype=np.int64)
+        self.offsets = np.array(offsets, dtype=np.int64)
+        self.sizes = np.array(sizes, dtype=np.int64)
+        self.ext_codes = np.array(ext_codes, dtype=np.int16)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.keys)
 
     def read(self, index: int) -> tuple[str, dict[str, bytes]]:
         """(key, {extension: bytes}) of the sample at `index`."""
-        key, members = self.samples[index]
+        first, end = int(self.first_member[index]), int(self.first_member[index + 1])
+        start = int(self.offsets[first])
+        stop = int(self.offsets[end - 1] + self.sizes[end - 1])
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        out = {ext: os.pread(self._fd, size, offset) for ext, (offset, size) in members.items()}
-        if any(len(data) != members[ext][1] for ext, data in out.items()):
-            raise OSError(f"{self.path}: sample {key} is shorter than its tar header says")
+        data = os.pread(self._fd, stop - start, start)
+        key = str(self.keys[index])
+        if len(data) != stop - start:
+            raise OSError(f"{self.path}: sample {key} is shorter than its tar headers say")
+        out = {}
+        for m in range(first, end):
+            at = int(self.offsets[m]) - start
+            out[self.exts[self.ext_codes[m]]] = data[at : at + int(self.sizes[m])]
         return key, out
 
     def close(self) -> None:

@@ -6,6 +6,9 @@ JPEGs in PIL's draft mode when the region to be kept allows: libjpeg then decode
 1/8 scale directly (DCT scaling), which is several times faster than a full decode followed by a
 downscale, and never goes below the output resolution (no quality loss at the output size).
 
+Only bytes that do not decode are bad data (`UndecodableImage`); any other exception here is a bug
+and propagates.
+
 Workers return uint8 tensors; a `Normalizer` turns a batch into float on the consumer's side, which
 moves 4x fewer bytes between processes than float images.
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import Mixup, rand_augment_transform
 from timm.data.auto_augment import _RAND_TRANSFORMS, RandAugment
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -61,28 +64,72 @@ class TrainAugment:
         return rand_augment_transform(spec, hparams, transforms=ops)
 
 
-def _draft_scale(img: Image.Image, box: tuple[float, float, float, float], out: int) -> float:
-    """Ask libjpeg for the smallest DCT scale that keeps `box` at least `out` pixels on each side;
-    return the factor by which the decoded image shrank (1.0 when draft does not apply)."""
-    if img.format != "JPEG":
-        return 1.0
+Box = tuple[float, float, float, float]
+# What Pillow raises for bytes it cannot decode (UnidentifiedImageError and "image file is
+# truncated" are OSErrors; some decoders raise SyntaxError, ValueError or EOFError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class UndecodableImage(ValueError):
+    """The stored bytes are not a decodable image: bad data, counted as a bad sample. Every other
+    exception in decoding and augmentation is a bug of ours and propagates."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The image's header (size, format); UndecodableImage when the bytes are not an image."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names only an anonymous BytesIO
+        raise UndecodableImage("not an image (in no format Pillow reads)") from None
+    except DECODE_ERRORS as err:
+        raise UndecodableImage(f"not an image: {err}") from None
+
+
+def decode_region(img: Image.Image, box: Box, out: int) -> tuple[Image.Image, Box]:
+    """Decode `img` for a crop `box` (in full-image pixels) to be resized to `out` pixels: a JPEG
+    at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the box at least `out` pixels on each
+    side. Returns the RGB image and the box in its pixels.
+
+    A scaled decode is 1/s of the image exactly, but libjpeg rounds its pixel count up on each
+    axis (500x375 at 1/8 is 63x47 pixels for 62.5x46.875 of image, the last row and column
+    partial): the box is scaled by 1/s (what Pillow's `draft` reports) and kept inside the
+    image's true extent. (Scaling by one ratio of pixel counts pushed crops past an edge of
+    valid images, or shifted them by a fraction of a pixel.)
+    """
     width, height = img.size
-    box_w, box_h = box[2] - box[0], box[3] - box[1]
-    need = (math.ceil(width * out / box_w), math.ceil(height * out / box_h))
-    img.draft("RGB", need)
-    return img.size[0] / width
+    scale = 1.0
+    try:
+        if img.format == "JPEG":
+            box_w, box_h = box[2] - box[0], box[3] - box[1]
+            need = (math.ceil(width * out / box_w), math.ceil(height * out / box_h))
+            drafted = img.draft("RGB", need)
+            if drafted is not None:
+                scale = drafted[1][2] / width
+        img.load()
+    except DECODE_ERRORS as err:
+        raise UndecodableImage(f"cannot decode the image: {err}") from None
+    scaled = (
+        max(0.0, box[0] * scale),
+        max(0.0, box[1] * scale),
+        min(width * scale, box[2] * scale),
+        min(height * scale, box[3] * scale),
+    )
+    return img.convert("RGB"), scaled
+
+
+def crop_resize(data: bytes, box: Box, out: int, resample: int) -> Image.Image:
+    """The `box` of the encoded image, resized to out x out (decoded at reduced size if it can)."""
+    img, box = decode_region(open_image(data), box, out)
+    return img.resize((out, out), resample, box=box, reducing_gap=None)
 
 
 def decode_train(data: bytes, aug: TrainAugment, randaugment=None) -> torch.Tensor:
-    """JPEG bytes -> augmented uint8 (3, S, S) tensor. Uses the global `random` state."""
-    img = Image.open(io.BytesIO(data))
+    """Encoded image -> augmented uint8 (3, S, S) tensor. Uses the global `random` state."""
+    img = open_image(data)
     top, left, h, w = RandomResizedCropAndInterpolation.get_params(
         img, (aug.crop_scale_min, 1.0), RRC_RATIO
     )
-    box = (left, top, left + w, top + h)
-    scale = _draft_scale(img, box, aug.image_size)
-    img = img.convert("RGB")
-    box = tuple(v * scale for v in box)
+    img, box = decode_region(img, (left, top, left + w, top + h), aug.image_size)
     size = (aug.image_size, aug.image_size)
     resample = Image.BICUBIC if aug.interpolation == "bicubic" else Image.BILINEAR
     img = img.resize(size, resample, box=box, reducing_gap=None)
@@ -93,18 +140,17 @@ def decode_train(data: bytes, aug: TrainAugment, randaugment=None) -> torch.Tens
     return _to_tensor(img)
 
 
-def decode_eval(data: bytes, image_size: int, crop_pct: float) -> torch.Tensor:
-    """JPEG bytes -> uint8 (3, S, S): shorter side to S / crop_pct, then a center crop of S."""
-    img = Image.open(io.BytesIO(data))
-    width, height = img.size
-    short = min(width, height)
-    resized_short = image_size / crop_pct
-    crop = short * image_size / resized_short  # side of the kept square in source pixels
+def eval_box(width: int, height: int, image_size: int, crop_pct: float) -> Box:
+    """The centre square kept by "shorter side to S / crop_pct, then a centre crop of S"."""
+    crop = min(width, height) * crop_pct  # side of the kept square in source pixels
     left, top = (width - crop) / 2, (height - crop) / 2
-    box = (left, top, left + crop, top + crop)
-    scale = _draft_scale(img, box, image_size)
-    img = img.convert("RGB")
-    box = tuple(v * scale for v in box)
+    return left, top, left + crop, top + crop
+
+
+def decode_eval(data: bytes, image_size: int, crop_pct: float) -> torch.Tensor:
+    """Encoded image -> uint8 (3, S, S): shorter side to S / crop_pct, then a center crop of S."""
+    img = open_image(data)
+    img, box = decode_region(img, eval_box(*img.size, image_size, crop_pct), image_size)
     img = img.resize((image_size, image_size), Image.BICUBIC, box=box, reducing_gap=None)
     return _to_tensor(img)
 

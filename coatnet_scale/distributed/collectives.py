@@ -7,11 +7,12 @@ import torch
 import torch.distributed as dist
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise logical OR of `flags` over ranks (one tiny all-reduce)."""
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+def largest(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum of `values` over ranks (one tiny all-reduce): a flag any rank raised,
+    or the signal any rank received."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in t.tolist()]
+    return t.tolist()
 
 
 def global_mean(value: torch.Tensor, world_size: int) -> float:
@@ -19,3 +20,10 @@ def global_mean(value: torch.Tensor, world_size: int) -> float:
     total = value.detach().float().reshape(1).clone()
     dist.all_reduce(total)
     return total.item() / world_size
+
+
+def global_sum(value: float, device: torch.device) -> float:
+    """Sum of a number over ranks (one tiny all-reduce)."""
+    total = torch.tensor([float(value)], device=device)
+    dist.all_reduce(total)
+    return total.item()

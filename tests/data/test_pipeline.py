@@ -22,10 +22,11 @@ from coatnet_scale.data.pipeline import (
 from coatnet_scale.data.shards import load_manifest
 from coatnet_scale.data.transforms import (
     TrainAugment,
-    _draft_scale,
     build_mixup,
     decode_eval,
+    decode_region,
     normalize,
+    open_image,
 )
 from tests.data.conftest import jpeg_bytes, shard_set
 
@@ -33,9 +34,14 @@ UNEVEN = [11, 2, 7, 1, 9]  # 30 samples in shards of very different sizes
 AUG = TrainAugment(image_size=16, randaugment_n=2, randaugment_m=9)
 
 
-def loader(manifests, plan, workers=0, seed=0, mode="exact", weights=None) -> TrainLoader:
+def loader(
+    manifests, plan, workers=0, seed=0, mode="exact", weights=None, order="window"
+) -> TrainLoader:
     weights = weights or [float(m.total_samples) for m in manifests]
-    return TrainLoader(manifests, weights, seed, mode, plan, AUG, workers, 0.5)
+    return TrainLoader(manifests, weights, seed, mode, plan, AUG, workers, 0.5, order, 2)
+
+
+ORDERS = pytest.mark.parametrize("order", ["window", "global"])
 
 
 def take_steps(ld: TrainLoader, steps: int) -> list[list[str]]:
@@ -71,8 +77,11 @@ def uneven(tmp_path: Path):
     return [load_manifest(shard_set(tmp_path, UNEVEN))]
 
 
-def test_every_rank_gets_equal_batches_with_uneven_shards(uneven) -> None:
-    per_step, state = run_ranks(uneven, world=2, steps=7, global_batch=8, micro=2, workers=2)
+@ORDERS
+def test_every_rank_gets_equal_batches_with_uneven_shards(uneven, order: str) -> None:
+    per_step, state = run_ranks(
+        uneven, world=2, steps=7, global_batch=8, micro=2, workers=2, order=order
+    )
     keys = [k for step in per_step for k in step]
     assert len(keys) == 56
     first_epoch, second = keys[:30], keys[30:]
@@ -82,11 +91,16 @@ def test_every_rank_gets_equal_batches_with_uneven_shards(uneven) -> None:
     assert state["samples_into_epoch"] == 26
 
 
+@ORDERS
 @pytest.mark.parametrize(("before", "after"), [(1, 1), (1, 2), (2, 1), (2, 2)])
-def test_exact_resume_continues_with_unseen_samples(uneven, before: int, after: int) -> None:
-    straight, _ = run_ranks(uneven, world=1, steps=6, global_batch=8, micro=4, workers=0)
+def test_exact_resume_continues_with_unseen_samples(
+    uneven, before: int, after: int, order: str
+) -> None:
+    straight, _ = run_ranks(
+        uneven, world=1, steps=6, global_batch=8, micro=4, workers=0, order=order
+    )
     head, state = run_ranks(
-        uneven, world=before, steps=2, global_batch=8, micro=4 // before, workers=2
+        uneven, world=before, steps=2, global_batch=8, micro=4 // before, workers=2, order=order
     )
     tail, _ = run_ranks(
         uneven,
@@ -96,6 +110,7 @@ def test_exact_resume_continues_with_unseen_samples(uneven, before: int, after: 
         micro=4 // after,
         workers=1 + after % 2,
         state=state,
+        order=order,
     )
     resumed = head + tail
     # Same samples step by step as the uninterrupted run, whatever the ranks and workers.
@@ -126,6 +141,15 @@ def test_resampled_mode_resumes_and_repeats(uneven) -> None:
     assert [sorted(s) for s in head + tail] == [sorted(s) for s in straight]
     keys = [k for step in straight for k in step][:30]
     assert len(set(keys)) < 30  # with replacement
+
+
+def test_a_position_of_another_order_is_refused(uneven) -> None:
+    _, state = run_ranks(uneven, 1, 1, 4, 4, 0, order="window")
+    with pytest.raises(ValueError, match="sample order window/2"):
+        loader(uneven, BatchPlan(4, 4, 0, 1), order="global").load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "order"}  # saved before data.order existed
+    with pytest.raises(ValueError, match="window/8"):
+        loader(uneven, BatchPlan(4, 4, 0, 1)).load_state_dict(old)
 
 
 def test_sources_mix_by_weight_deterministically(tmp_path: Path) -> None:
@@ -173,7 +197,7 @@ def test_bad_samples_are_counted_replaced_and_limited(uneven, tmp_path: Path) ->
 def test_every_sample_bad_stops_quickly(tmp_path: Path) -> None:
     manifest = load_manifest(shard_set(tmp_path, [6]))
     Path(manifest.shards[0].path).unlink()
-    with pytest.raises(DataError, match="could not be read"):
+    with pytest.raises(DataError, match="bad data"):
         take_steps(loader([manifest], BatchPlan(2, 2, 0, 1)), 5)
 
 
@@ -209,10 +233,10 @@ def test_draft_decoding_keeps_output_size_and_content() -> None:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
     data = buffer.getvalue()
-    img = Image.open(io.BytesIO(data))
-    assert _draft_scale(img, (0, 0, 1024, 768), 64) == 0.125  # 1/8-scale DCT decode
-    img = Image.open(io.BytesIO(data))
-    assert _draft_scale(img, (0, 0, 200, 200), 64) == 0.5  # 1/4 would leave the box < 64 px
+    img, box = decode_region(open_image(data), (0, 0, 1024, 768), 64)
+    assert img.size == (128, 96) and box == (0, 0, 128, 96)  # 1/8-scale DCT decode
+    img, box = decode_region(open_image(data), (0, 0, 200, 200), 64)
+    assert img.size == (512, 384)  # 1/4 would leave the box < 64 px
     small = decode_eval(data, 64, 1.0)
     full = (
         Image.open(io.BytesIO(data))
@@ -279,3 +303,28 @@ def test_loader_workers_ignore_stop_signals_so_the_step_can_finish(uneven) -> No
     for _ in range(3):
         assert len(next(batches)["label"]) == 4
     assert all(w.is_running() for w in workers)
+
+
+def test_bad_samples_are_named_with_shard_key_source_and_reason(
+    shards: Path, caplog, capsys
+) -> None:
+    """make_shards wrote KEY.json with the source path: a sample whose image bytes were damaged
+    after writing is named by shard, key, source file and reason; later ones are summarised;
+    verify_shards, which the error message points to, finds the same sample."""
+    from data_tools import verify_shards
+    from tests.data.test_shard_tools import _rewrite_member
+
+    manifest = load_manifest(shards)
+    damaged = _rewrite_member(manifest.shards[0].path, ".jpg", b"\xff\xd8garbage")
+    ld = TrainLoader([manifest], [12.0], 0, "exact", BatchPlan(12, 12, 0, 1), AUG, 0, 0.5)
+    with caplog.at_level("WARNING", logger="coatnet_scale.data"):
+        batch = next(iter(ld))
+    assert batch["bad"] == 1 and ld.bad_samples == 1
+    [named] = [r.getMessage() for r in caplog.records if "bad sample 1:" in r.getMessage()]
+    assert f"train-000000.tar {damaged} (" in named and "not an image" in named
+    assert ".jpg)" in named  # the source file from KEY.json
+    assert ld.bad_summary() is None  # nothing beyond the named ones
+    ld.bad_samples += 25  # as if 25 more came after the first 20 were named
+    assert "25 more bad sample(s)" in ld.bad_summary()
+    assert verify_shards.main([str(shards), "--quiet"]) == 1
+    assert f"sample {damaged} (" in capsys.readouterr().out
