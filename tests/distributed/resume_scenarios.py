@@ -49,6 +49,11 @@ SCENARIOS: dict[str, tuple[str, list[str], int | None]] = {
     "stop_z3": ("stop_resume_z3", [*PLAIN, "zero.stage=3"], 3),
     "resume_z3": ("stop_resume_z3", [*PLAIN, "zero.stage=3"], None),
     "plain": ("plain", PLAIN, None),
+    # The global sample order (every sample of an epoch permuted): exact and elastic too.
+    "plain_global": ("plain_global", [*PLAIN, "data.order=global"], None),
+    "stop_global": ("stop_resume_global", [*PLAIN, "data.order=global"], 3),
+    "resume_global": ("stop_resume_global", [*PLAIN, "data.order=global"], None),
+    "to1_global": ("to1_global", [*PLAIN, "data.order=global"], None),
     "plain_z0": ("plain_z0", [*PLAIN, "zero.stage=0"], None),
     "plain_z1": ("plain_z1", [*PLAIN, "zero.stage=1"], None),
     "plain_z3": ("plain_z3", [*PLAIN, "zero.stage=3"], None),

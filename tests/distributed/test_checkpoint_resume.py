@@ -69,16 +69,19 @@ def out(tmp_path_factory) -> dict:
             "plain_z3",
             "stop_z3",
             "resume_z3",
+            "plain_global",
+            "stop_global",
+            "resume_global",
         ],
     )
-    for stage in ("", "_z0", "_z1", "_z3"):
+    for stage in ("", "_z0", "_z1", "_z3", "_global"):
         cut_back(tmp, f"plain{stage}", f"to1{stage}", 3)
     cut_back(tmp, "plain", "to4", 3)
     shutil.copytree(tmp / "straight", tmp / "damaged")
     victim = tmp / "damaged" / "checkpoints" / STEP6 / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[:1000])  # a truncated shard in the newest checkpoint
     checkpoint.export(tmp / "plain" / "checkpoints" / STEP6, tmp / "export_plain")
-    logs[1] = run_scenarios(tmp, 1, ["to1", "to1_z0", "to1_z1", "to1_z3", "single"])
+    logs[1] = run_scenarios(tmp, 1, ["to1", "to1_z0", "to1_z1", "to1_z3", "to1_global", "single"])
     logs[4] = run_scenarios(tmp, 4, ["to4"])
     cut_back(tmp, "single", "single_to2", 3)
     shutil.copytree(tmp / "plain", tmp / "incompatible")
@@ -158,6 +161,16 @@ def test_stop_and_resume_is_bitwise_exact_under_zero3_too(out) -> None:
     assert result(out, "plain_z3")["losses"] == result(out, "resume_z3")["losses"]
 
 
+def test_stop_and_resume_is_bitwise_exact_in_the_global_order_too(out) -> None:
+    assert_bitwise_equal(weights(out, "plain_global"), weights(out, "stop_resume_global"))
+    assert result(out, "plain_global")["losses"] == result(out, "resume_global")["losses"]
+    straight = consumed(out, "plain_global")
+    assert straight == sorted(consumed(out, "stop_global") + consumed(out, "resume_global"))
+    window = consumed(out, "plain")
+    assert [s for s, _ in straight] == [s for s, _ in window]  # the same slots...
+    assert [k for _, k in straight] != [k for _, k in window]  # ...holding other samples
+
+
 def test_stop_and_resume_reads_the_same_samples_once(out) -> None:
     straight = consumed(out, "straight")
     assert straight == sorted(consumed(out, "stop") + consumed(out, "resume"))
@@ -217,6 +230,7 @@ def test_checkpoint_holds_the_documented_state(out) -> None:
         ("to1_z0", "plain_z0"),
         ("to1_z1", "plain_z1"),
         ("to1_z3", "plain_z3"),
+        ("to1_global", "plain_global"),
     ],
 )
 def test_elastic_resume_continues_equivalently(out, name, reference) -> None:
