@@ -52,18 +52,6 @@ def raw_write(path: Path, size: int) -> float:
     return time.perf_counter() - start
 
 
-def evict(paths: list[Path]) -> None:
-    """Drop the files' pages from the page cache (they are fsynced, so clean), so reads come
-    from the disk: no root needed, unlike /proc/sys/vm/drop_caches."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def raw_read(path: Path) -> float:
     start = time.perf_counter()
     with open(path, "rb") as f:
@@ -76,6 +64,7 @@ def worker(out: Path, model_name: str, repeats: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from bench.common import evict
     from coatnet_scale import checkpoint
     from coatnet_scale.cli import config_parser, parse_config_args
     from coatnet_scale.distributed.engine import (

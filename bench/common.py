@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -24,3 +25,15 @@ def record_result(key: str, record: dict) -> None:
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     existing[key] = record
     RESULTS.write_text(json.dumps(existing, indent=2) + "\n")
+
+
+def evict(paths: list[Path] | list[str]) -> None:
+    """Drop the files' pages from the page cache (they are fsynced, so clean), so reads come
+    from the disk: no root needed, unlike /proc/sys/vm/drop_caches."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

@@ -17,7 +17,6 @@ bench/results.json under "data_order".
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from bench.common import cpu_name, record_result
+from bench.common import cpu_name, evict, record_result
 from bench.data_pipeline import photo_like
 from coatnet_scale.data.order import SampleOrder, expected_distinct
 from coatnet_scale.data.reader import ShardReader, image_and_label
@@ -50,16 +49,6 @@ def write_sorted_shards(folder: Path, shards: int, per_shard: int) -> Manifest:
         )
         infos.append(write_shard(ShardJob(str(folder / f"train-{s:06d}.tar"), samples)).info)
     return write_manifest(folder / "train.json", "train", infos, [str(c) for c in range(CLASSES)])
-
-
-def evict(paths: list[str]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_pass(reader: ShardReader, order: SampleOrder, first: int, samples: int, batch: int):

@@ -27,6 +27,7 @@ import yaml
 
 from coatnet_scale.fields import ConfigError, field_doc, option, section
 from coatnet_scale.models.config import ARCHS, STAGE_NAMES, ModelConfig
+from coatnet_scale.text import split_outside
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -406,7 +407,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item_type, *_rest) = typing.get_args(tp)
         if isinstance(value, str):
             text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else _split_top_level(text)
+            value = (
+                yaml.safe_load(text)
+                if text.startswith("[")
+                else [p.strip() for p in split_outside(text, "{", "}") if p.strip()]
+            )
         if not isinstance(value, list | tuple):
             raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
@@ -435,20 +440,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(key, f"expected a string, got {value!r}")
     raise TypeError(f"{key}: unsupported config type {tp!r}")  # a bug in a section definition
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside braces, so `a-{0..9}.tar,b-{x,y}.tar` is two shard patterns."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return [p.strip() for p in parts if p.strip()]
 
 
 def _parse_number(text: str, key: str, tp: type) -> int | float:

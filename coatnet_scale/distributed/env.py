@@ -21,6 +21,8 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from coatnet_scale.text import split_outside
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -62,18 +64,6 @@ class DistEnv:
 SIMPLE_HOSTS = re.compile(r"^([^\[\],]+)(?:\[([0-9,\-]+)\])?$")
 
 
-def _split_outside_brackets(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [*parts, current]
-
-
 def _expand_simple(item: str) -> list[str] | None:
     """`n[01-03,7]` -> n01 n02 n03 n7; `gpu5` -> gpu5; None for any other form."""
     match = SIMPLE_HOSTS.match(item)
@@ -100,7 +90,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
     `scontrol show hostnames`, which knows every form SLURM writes.
     """
     hosts: list[str] = []
-    for item in _split_outside_brackets(nodelist.strip()):
+    for item in split_outside(nodelist.strip(), "[", "]"):
         expanded = _expand_simple(item)
         if expanded is None:
             return scontrol_hostnames(nodelist)

@@ -1,0 +1,17 @@
+"""Small text helpers shared by the config parser and the SLURM node-list reader."""
+
+from __future__ import annotations
+
+
+def split_outside(text: str, opening: str, closing: str) -> list[str]:
+    """Split `text` on commas outside `opening`...`closing` groups:
+    `a-{0..9}.tar,b-{x,y}.tar` -> two shard patterns; `n[1-2,5],gpu3` -> two node groups."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += 1 if char == opening else -1 if char == closing else 0
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
