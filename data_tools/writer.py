@@ -10,6 +10,7 @@ error; each input left out is reported with its source and the reason.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -72,7 +73,10 @@ def encode_image(source: str | bytes, resize_shorter: int, quality: int) -> tupl
         img.load()
     except DECODE_ERRORS as err:
         raise UndecodableImage(f"truncated or corrupt image data ({err})") from None
-    rotated = img.getexif().get(ORIENTATION, 1) not in (1, None)
+    try:
+        rotated = img.getexif().get(ORIENTATION, 1) not in (1, None)
+    except Exception:  # malformed EXIF metadata: the pixels decoded, store them as they are
+        rotated = False
     if (
         img.format == "JPEG"
         and not rotated
@@ -98,28 +102,36 @@ def sidecar(shard: Path) -> Path:
     return shard.with_name(shard.name.removesuffix(".tar") + ".info.json")
 
 
-def _labels_of(tar: TarIndex) -> Counter:
-    labels: Counter = Counter()
-    for i in range(len(tar)):
-        _, members = tar.read(i)
-        if "cls" in members:
-            labels[int(members["cls"])] += 1
-    return labels
+def job_fingerprint(job: ShardJob) -> str:
+    """What a shard was written from: its samples (key, label, source) and the encoding; a
+    re-run reuses a finished shard only for the same job (another seed, shard size or input
+    list writes it again)."""
+    digest = hashlib.sha256(f"{job.resize_shorter}/{job.quality}".encode())
+    for sample in job.samples:
+        source = (
+            sample.source
+            if isinstance(sample.source, str)
+            else hashlib.sha256(sample.source).hexdigest()
+        )
+        digest.update(f"\n{sample.key}\t{sample.label}\t{source}".encode())
+    return digest.hexdigest()[:32]
 
 
-def _reuse(final: Path) -> ShardResult | None:
-    """The result of a finished shard, or None when it must be written again."""
-    try:
-        tar = TarIndex(final)
-    except Exception:
-        return None
+def _reuse(final: Path, job: ShardJob) -> ShardResult | None:
+    """The result of a finished shard written by the same job, or None when it must be written
+    (again): another job, no or a damaged sidecar, a truncated tar, a count that differs."""
     try:
         info = json.loads(sidecar(final).read_text())
         labels = Counter({int(c): n for c, n in info["labels"].items()})
         skipped = tuple((s["source"], s["reason"]) for s in info["skipped"])
-    except (OSError, ValueError, KeyError):  # shards written before the sidecar existed
-        labels, skipped = _labels_of(tar), ()
+        if info["job"] != job_fingerprint(job):
+            return None
+        tar = TarIndex(final)
+    except Exception:  # missing or unreadable: write it again
+        return None
     tar.close()
+    if tar.truncated or len(tar) != sum(labels.values()):
+        return None
     shard = ShardInfo(
         str(final),
         len(tar),
@@ -135,7 +147,7 @@ def write_shard(job: ShardJob) -> ShardResult:
     ones skipped with their source and reason."""
     final = Path(job.path)
     if final.exists():
-        reused = _reuse(final)
+        reused = _reuse(final, job)
         if reused is not None:
             return reused
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -168,6 +180,7 @@ def write_shard(job: ShardJob) -> ShardResult:
             sidecar(final),
             json.dumps(
                 {
+                    "job": job_fingerprint(job),
                     "labels": {str(c): n for c, n in sorted(labels.items())},
                     "skipped": [{"source": s, "reason": r} for s, r in skipped],
                 }

@@ -30,8 +30,10 @@ Epoch order of one source (`data.order`)
 - `global`: one pseudo-random permutation of all the source's samples (a keyed Feistel network,
   `Permutation`: any position in O(1), no N-entry table). The class mix of i.i.d. sampling on any
   shards, at the cost of a random read per sample.
-- `auto`: `global` for a source whose manifest's label histograms show that windows would hold
-  fewer than 95% of the classes an i.i.d. batch holds (`class_mix`), `window` otherwise.
+- `auto`: `global` for a source whose label histograms (the manifest's, else those of a few
+  sampled shards) show that a window's batches would hold fewer than 95% of the classes an
+  i.i.d. batch holds (`class_mix`), `window` otherwise (and above `GLOBAL_AUTO_LIMIT` samples,
+  where it warns instead).
 
 `resampled` sampling draws each slot's sample uniformly with replacement (a hash of seed and slot):
 no epochs, still resumable from the same single number.
@@ -51,6 +53,7 @@ from coatnet_scale.seeding import rng, seed_for
 
 MIX_BLOCK = 1000  # slots per mixing block, about
 DIVERSITY_FLOOR = 0.95  # a window order must reach this share of i.i.d. class diversity
+GLOBAL_AUTO_LIMIT = 4_000_000  # samples of a source up to which `auto` may choose global
 
 
 class Permutation:
@@ -250,23 +253,61 @@ def expected_distinct(class_counts: np.ndarray, batch: int) -> float:
     return float((1 - (1 - p) ** batch).sum())
 
 
+def distinct_in_subset(class_counts: Sequence[int], batch: int) -> float:
+    """Expected distinct classes in `batch` samples drawn without replacement from a pool with
+    these per-class counts (what a batch of consecutive slots in one window is): a class of k
+    among T samples is missed with probability C(T-k, n) / C(T, n)."""
+    total = int(sum(class_counts))
+    n = min(batch, total)
+    hit: dict[int, float] = {}
+    expected = 0.0
+    for k in class_counts:
+        if k <= 0:
+            continue
+        if k not in hit:
+            if total - k < n:
+                hit[k] = 1.0
+            else:
+                log_missed = (
+                    math.lgamma(total - k + 1)
+                    - math.lgamma(total - k - n + 1)
+                    - math.lgamma(total + 1)
+                    + math.lgamma(total - n + 1)
+                )
+                hit[k] = 1.0 - math.exp(log_missed)
+        expected += hit[k]
+    return expected
+
+
 def class_mix(
-    shard_labels: Sequence[Mapping[int, int]], window_shards: int, batch: int, seed: int = 0
+    shard_labels: Sequence[Mapping[int, int]],
+    window_shards: int,
+    batch: int,
+    seed: int = 0,
+    windows_checked: int = 64,
 ) -> tuple[float, float]:
     """(expected distinct classes in a batch of the window order, in an i.i.d. batch), from
-    per-shard label histograms; averaged over the windows of one epoch."""
-    classes = sorted({c for labels in shard_labels for c in labels})
-    column = {c: i for i, c in enumerate(classes)}
-    matrix = np.zeros((len(shard_labels), len(classes)))
-    for s, labels in enumerate(shard_labels):
+    per-shard label histograms: the window order's batch is a random subset of one window's
+    samples; i.i.d. draws from the whole dataset's class frequencies. Averaged over (up to
+    `windows_checked`) windows of one epoch."""
+    overall: dict[int, int] = {}
+    for labels in shard_labels:
         for c, n in labels.items():
-            matrix[s, column[c]] = n
-    iid = expected_distinct(matrix.sum(0), batch)
+            overall[c] = overall.get(c, 0) + n
+    iid = expected_distinct(np.array(list(overall.values()), dtype=np.float64), batch)
     order = rng(seed, 0x5EED).permutation(len(shard_labels))
     windows = [order[i : i + window_shards] for i in range(0, len(order), window_shards)]
-    sizes = np.array([matrix[w].sum() for w in windows])
-    values = np.array([expected_distinct(matrix[w].sum(0), batch) for w in windows])
-    return float((values * sizes).sum() / sizes.sum()), iid
+    if len(windows) > windows_checked:
+        windows = [windows[i] for i in rng(seed, 0xC4EC).choice(len(windows), windows_checked)]
+    values, sizes = [], []
+    for window in windows:
+        counts: dict[int, int] = {}
+        for s in window:
+            for c, n in shard_labels[s].items():
+                counts[c] = counts.get(c, 0) + n
+        values.append(distinct_in_subset(list(counts.values()), batch))
+        sizes.append(sum(counts.values()))
+    return float(np.average(values, weights=sizes)), iid
 
 
 @dataclass(frozen=True)
@@ -281,36 +322,46 @@ def choose_order(
     shard_labels: Sequence[Mapping[int, int]] | None,
     window_shards: int,
     batches: Sequence[int],
+    samples: int,
+    sampled_from: int | None = None,
 ) -> OrderChoice:
     """The epoch order of one source: `requested`, or for `auto` the cheap window order unless
-    the manifest shows it would not mix classes (class-sorted shards), then global."""
-    if shard_labels is None or not any(shard_labels):
+    the label histograms show it would not mix classes (class-sorted shards), then global, up
+    to `GLOBAL_AUTO_LIMIT` samples (beyond, a global order's shard indexes outgrow a loader
+    worker's memory: re-sharding is the answer). `sampled_from`: the histograms are of that
+    many randomly chosen shards, not the manifest's."""
+    if not shard_labels or not any(shard_labels):
         if requested == "auto":
             return OrderChoice(
-                "window",
-                f"{name}: window order (the manifest has no label histograms to check class "
-                "mixing; shards written by make_shards have them)",
+                "window", f"{name}: window order (no labels to check how the shards mix classes)"
             )
         return OrderChoice(requested, f"{name}: {requested} order")
     mixes_by_batch = [(*class_mix(shard_labels, window_shards, b), b) for b in batches]
     window, iid, batch = min(mixes_by_batch, key=lambda m: m[0] / m[1])
     mixes = window >= DIVERSITY_FLOOR * iid
-    if requested == "auto":
-        order = "window" if mixes else "global"
-    else:
-        order = requested
+    source = f" (labels of {sampled_from} sampled shards)" if sampled_from else ""
     if mixes:
-        return OrderChoice(order, f"{name}: {order} order (shards mix classes)")
+        order = "window" if requested == "auto" else requested
+        return OrderChoice(order, f"{name}: {order} order (the shards mix classes{source})")
     detail = (
-        f"{name}: the shards are class-sorted: a batch of {batch} in window order would hold "
-        f"~{window:.0f} classes instead of ~{iid:.0f}"
+        f"{name}: the shards are class-sorted{source}: a batch of {batch} in window order would "
+        f"hold ~{window:.0f} classes where an i.i.d. batch holds ~{iid:.0f}"
     )
+    order = requested
+    if requested == "auto":
+        order = "global" if samples <= GLOBAL_AUTO_LIMIT else "window"
     if order == "global":
-        return OrderChoice(order, f"{detail}; using data.order=global (a random read per sample)")
+        return OrderChoice(order, f"{detail}; using the global order (a random read per sample)")
+    too_big = (
+        f" (auto keeps window above {GLOBAL_AUTO_LIMIT:,} samples: the global order's shard "
+        "indexes, ~80 bytes per sample, would be kept by every loader worker)"
+        if requested == "auto"
+        else ""
+    )
     return OrderChoice(
         order,
-        f"WARNING: {detail}; set data.order=global (or auto), or rewrite them with "
-        "python -m data_tools.make_shards, which shuffles",
+        f"WARNING: {detail}; rewrite them with python -m data_tools.make_shards, which shuffles, "
+        f"or set data.order=global{too_big}",
     )
 
 

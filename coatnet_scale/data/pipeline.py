@@ -28,9 +28,11 @@ from coatnet_scale.config import DataConfig
 from coatnet_scale.data.order import BatchPlan, SampleOrder, choose_order
 from coatnet_scale.data.reader import (
     DATA_ERRORS,
+    INDEX_BUDGET,
     ShardReader,
     describe_bad,
     image_and_label,
+    sample_shard_labels,
 )
 from coatnet_scale.data.shards import Manifest, resolve_shards
 from coatnet_scale.data.transforms import TrainAugment, decode_eval, decode_train
@@ -40,6 +42,7 @@ from coatnet_scale.stop import STOP_SIGNALS
 log = logging.getLogger("coatnet_scale.data")
 
 MIN_SAMPLES_BEFORE_LIMIT = 1000  # the bad-sample share is enforced after this many samples
+SAMPLED_SHARDS = 16  # shards read at start to check class mixing when the manifest has no labels
 NAMED_BAD = 20  # bad samples named one by one in the log; later ones are summarised
 
 Item = tuple[str, torch.Tensor, int]
@@ -106,7 +109,10 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        reader = ShardReader(self.manifests)
+        # A global order reads every shard all the time: keep every shard's index (~80 bytes a
+        # sample; `auto` chooses it only up to order.GLOBAL_AUTO_LIMIT samples).
+        budget = None if "global" in self.order.orders else INDEX_BUDGET
+        reader = ShardReader(self.manifests, budget)
         randaugment = self.augment.randaugment()
         micro = worker
         while True:
@@ -128,6 +134,16 @@ class TrainStream(IterableDataset):
         random.seed(per_slot)
         np.random.seed(per_slot % (1 << 32))  # timm's RandAugment picks ops with numpy
         return _read(reader, source, index, lambda b: decode_train(b, self.augment, randaugment))
+
+
+def order_key(orders: Sequence[str], window_shards: int) -> str:
+    """What identifies the sample sequence besides seed, data and weights: the order of each
+    source, the window size where a window order is used, and the mixing of several sources
+    (`mix2`: cumulative quotas; positions saved with the earlier per-block rounding differ)."""
+    key = ",".join(orders)
+    if "window" in orders:
+        key += f"/{window_shards}"
+    return key + ("/mix2" if len(orders) > 1 else "")
 
 
 class TrainLoader:
@@ -154,20 +170,22 @@ class TrainLoader:
         self.manifests, self.plan, self.seed, self.mode = list(manifests), plan, seed, mode
         self.augment, self.num_workers = augment, num_workers
         self.max_bad_fraction = max_bad_fraction
+        self.requested_order, self.window_shards = order, window_shards
+        self.weights = list(weights)
         batches = (plan.micro_batch, plan.global_batch)
-        choices = [
-            choose_order(order, m.name, m.shard_labels(), window_shards, batches) for m in manifests
-        ]
+        choices = []
+        for m in manifests:
+            labels, sampled = m.shard_labels(), None
+            if labels is None and order == "auto":
+                labels = sample_shard_labels(m, SAMPLED_SHARDS, seed)
+                sampled = min(SAMPLED_SHARDS, len(m.shards)) if labels else None
+            choices.append(
+                choose_order(
+                    order, m.name, labels, window_shards, batches, m.total_samples, sampled
+                )
+            )
         self.order_notes = [c.note for c in choices]
-        self.order = SampleOrder(
-            [[s.nsamples for s in m.shards] for m in manifests],
-            weights,
-            seed,
-            mode,
-            [c.order for c in choices],
-            window_shards,
-        )
-        self.order_key = f"{','.join(self.order.orders)}/{window_shards}"
+        self._use_orders([c.order for c in choices])
         self.fingerprint = ",".join(m.fingerprint() for m in manifests) + f";{list(weights)}"
         self.start = 0
         self.micro_batches_consumed = 0
@@ -175,6 +193,17 @@ class TrainLoader:
         self.bad_samples = 0
         self.named: list[str] = []
         self._reported_bad = 0
+
+    def _use_orders(self, orders: Sequence[str]) -> None:
+        self.order = SampleOrder(
+            [[s.nsamples for s in m.shards] for m in self.manifests],
+            self.weights,
+            self.seed,
+            self.mode,
+            orders,
+            self.window_shards,
+        )
+        self.order_key = order_key(orders, self.window_shards)
 
     @property
     def samples_consumed(self) -> int:
@@ -205,13 +234,23 @@ class TrainLoader:
                 f"data position was saved with seed {state['seed']} / {state['mode']} sampling, "
                 f"this run uses seed {self.seed} / {self.mode}"
             )
-        # positions saved before data.order existed were all in window order over 8 shards
+        # Positions saved before data.order existed: window order over 8 shards, and for several
+        # sources the earlier per-block mixing, which no longer exists.
         saved_order = state.get("order") or ",".join(["window"] * len(self.manifests)) + "/8"
+        saved_orders = saved_order.split("/")[0].split(",")
+        if (
+            saved_order != self.order_key
+            and self.requested_order == "auto"
+            and order_key(saved_orders, self.window_shards) == saved_order
+        ):
+            # auto decides per run (the batch sizes enter the check): a resume keeps the
+            # order the run started with, so the sample sequence continues
+            self._use_orders(saved_orders)
         if saved_order != self.order_key:
             raise ValueError(
-                f"data position was saved with sample order {saved_order} (order/window "
-                f"shards), this run resolves to {self.order_key}: set data.order and "
-                "data.window_shards as they were, or start a new run"
+                f"data position was saved with sample order {saved_order}, this run resolves to "
+                f"{self.order_key} (order per source, window shards, source mixing version): "
+                "set data.order and data.window_shards as they were, or start a new run"
             )
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(
@@ -255,13 +294,18 @@ class TrainLoader:
             and self.bad_samples > self.max_bad_fraction * self.samples_seen
         )
         if every_sample_bad or over_limit:
-            sources = ", ".join(m.source for m in self.manifests)
+            manifests = [m.source for m in self.manifests if m.source.endswith(".json")]
+            verify = (
+                f"`python -m data_tools.verify_shards {' '.join(manifests)}` lists every damaged "
+                "sample; "
+                if manifests
+                else ""
+            )
             raise DataError(
                 f"{self.bad_samples} of {self.samples_seen} samples on this rank are bad data "
                 f"(limit data.max_bad_fraction={self.max_bad_fraction}), e.g. "
                 + "; ".join(self.named[:3])
-                + f". `python -m data_tools.verify_shards` on {sources} lists every damaged "
-                "sample; rewrite those shards (data_tools.make_shards) or raise the limit"
+                + f". {verify}rewrite those shards (data_tools.make_shards) or raise the limit"
             )
 
     def bad_summary(self) -> str | None:
@@ -311,6 +355,7 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader = ShardReader([self.manifest])
+        logged = 0
         for b in range(worker, self.num_batches, workers):
             start = self.first + b * self.micro_batch
             slots = range(start, start + self.micro_batch)
@@ -324,7 +369,9 @@ class EvalStream(IterableDataset):
                 )
                 items.append(item)
                 if reason is not None:
-                    log.warning("bad validation sample: %s", reason)
+                    if logged < NAMED_BAD:
+                        log.warning("bad validation sample: %s", reason)
+                    logged += 1
                     bad.append(reason)
             padding = sum(1 for i in slots if i >= self.last)
             yield _assemble(items, bad, slots, self.image_size, padding)

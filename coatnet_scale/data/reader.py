@@ -35,21 +35,24 @@ INDEX_BUDGET = 256 * 2**20  # shard indexes a reader keeps, in bytes (about 3.4M
 class ShardReader:
     """Reads sample i of a source. A shard's index is built when the shard is first read (one
     pass over its tar headers) and kept while the indexes fit `index_budget` bytes (ImageNet's
-    1.28M samples take ~100 MB), least recently used first out beyond that: a global order
-    touches every shard all the time, a window order every shard once per epoch. Open files
-    follow their own LRU."""
+    1.28M samples take ~100 MB; None: all of them, for a global order, which touches every
+    shard all the time), least recently used first out beyond that: a window order touches
+    every shard once per epoch. Open files follow their own LRU."""
 
     def __init__(
         self,
         manifests: Sequence[Manifest],
-        index_budget: int = INDEX_BUDGET,
+        index_budget: int | None = INDEX_BUDGET,
         open_files: int = 16,
     ) -> None:
         self.manifests = list(manifests)
         self.bounds = [np.cumsum([s.nsamples for s in m.shards]) for m in manifests]
         shards = [s.nsamples for m in manifests for s in m.shards]
         mean = max(1.0, sum(shards) / max(1, len(shards)))
-        self.cached_shards = max(16, int(index_budget / (INDEX_BYTES_PER_SAMPLE * mean)))
+        if index_budget is None:  # keep them all
+            self.cached_shards = max(16, len(shards))
+        else:
+            self.cached_shards = max(16, int(index_budget / (INDEX_BYTES_PER_SAMPLE * mean)))
         self.open_files = open_files
         self._indexes: OrderedDict[str, TarIndex | BadData] = OrderedDict()
         self._open: OrderedDict[str, TarIndex] = OrderedDict()
@@ -125,3 +128,24 @@ def describe_bad(
     where = f"{Path(shard).name} {key if key else f'sample #{inner}'}"
     origin = source_path(data)
     return f"{where}{f' ({origin})' if origin else ''}: {error}"
+
+
+def sample_shard_labels(
+    manifest: Manifest, count: int = 16, seed: int = 0
+) -> list[dict[int, int]] | None:
+    """Label histograms of `count` randomly chosen shards (their .cls members), for a manifest
+    that has none; None when they cannot be read (a missing shard is the loader's to report)."""
+    chosen = np.random.default_rng(seed).permutation(len(manifest.shards))[:count]
+    histograms = []
+    for index in sorted(chosen):
+        try:
+            tar = TarIndex(manifest.shards[index].path)
+            labels: dict[int, int] = {}
+            for i in range(len(tar)):
+                label = int(tar.read(i)[1]["cls"])
+                labels[label] = labels.get(label, 0) + 1
+            tar.close()
+        except Exception:  # unreadable or unlabelled: no estimate; the loader reports the shard
+            return None
+        histograms.append(labels)
+    return histograms

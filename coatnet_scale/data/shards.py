@@ -206,7 +206,7 @@ class TarIndex:
             if not keys:
                 raise
             self.truncated = True
-        self.keys = np.array(keys, dtype=np.str_)
+        self.keys = np.array([k.encode() for k in keys], dtype=np.bytes_)  # 1 byte a character
         self.first_member = np.array([*firsts, len(offsets)], dtype=np.int64)
         self.offsets = np.array(offsets, dtype=np.int64)
         self.sizes = np.array(sizes, dtype=np.int64)
@@ -223,7 +223,7 @@ class TarIndex:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         data = os.pread(self._fd, stop - start, start)
-        key = str(self.keys[index])
+        key = self.keys[index].decode()
         if len(data) != stop - start:
             raise OSError(f"{self.path}: sample {key} is shorter than its tar headers say")
         out = {}

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from coatnet_scale.data.order import (
+    GLOBAL_AUTO_LIMIT,
     BatchPlan,
     Permutation,
     SampleOrder,
     choose_order,
     class_mix,
+    distinct_in_subset,
     expected_distinct,
 )
 
@@ -87,16 +89,39 @@ def test_the_choice_reads_the_manifests_histograms() -> None:
     sorted_ = histograms(*dataset(sorted_by_class=True))
     window, iid = class_mix(sorted_, window_shards=8, batch=64)
     assert window < 0.5 * iid
-    assert choose_order("auto", "in1k", shuffled, 8, (64, 256)).order == "window"
-    chosen = choose_order("auto", "in1k", sorted_, 8, (64, 256))
+    assert choose_order("auto", "in1k", shuffled, 8, (64, 256), 6000).order == "window"
+    chosen = choose_order("auto", "in1k", sorted_, 8, (64, 256), 6000)
     assert chosen.order == "global" and "class-sorted" in chosen.note
-    forced = choose_order("window", "in1k", sorted_, 8, (64, 256))
-    assert (
-        forced.order == "window" and forced.note.startswith("WARNING") and "\n" not in forced.note
-    )
+    forced = choose_order("window", "in1k", sorted_, 8, (64, 256), 6000)
+    assert forced.order == "window" and forced.note.startswith("WARNING")
+    assert "\n" not in forced.note
     assert "data.order=global" in forced.note and "make_shards" in forced.note
-    unknown = choose_order("auto", "in1k", None, 8, (64, 256))
-    assert unknown.order == "window" and "no label histograms" in unknown.note
+    unknown = choose_order("auto", "in1k", None, 8, (64, 256), 6000)
+    assert unknown.order == "window" and "no labels" in unknown.note
+    # a source too large for every loader worker to keep every shard's index: a warning
+    huge = choose_order("auto", "jft", sorted_, 8, (64, 256), GLOBAL_AUTO_LIMIT + 1)
+    assert huge.order == "window" and huge.note.startswith("WARNING")
+    assert "make_shards" in huge.note
+    sampled = choose_order("auto", "x", sorted_[:16], 8, (64,), 6000, sampled_from=16)
+    assert sampled.order == "global" and "16 sampled shards" in sampled.note
+
+
+def test_many_classes_on_shuffled_shards_count_as_mixed() -> None:
+    """21,000 classes over shuffled 1000-sample shards, batch 4096: half a window holds as many
+    classes as an i.i.d. batch. (A with-replacement estimate of the window's batches said 80%,
+    and would have called such shards class-sorted.)"""
+    rng = np.random.default_rng(0)
+    shards = []
+    for _ in range(300):
+        labels, counts = np.unique(rng.integers(0, 21_000, 1000), return_counts=True)
+        shards.append(dict(zip(labels.tolist(), counts.tolist(), strict=True)))
+    window, iid = class_mix(shards, 8, 4096)
+    assert window >= 0.98 * iid
+    assert choose_order("auto", "in21k", shards, 8, (128, 4096), 300_000).order == "window"
+    # the subset formula against brute force on a small pool
+    pool = np.repeat(np.arange(5), [1, 2, 3, 4, 10])
+    draws = [len(set(rng.permutation(pool)[:6].tolist())) for _ in range(20_000)]
+    assert distinct_in_subset([1, 2, 3, 4, 10], 6) == pytest.approx(np.mean(draws), abs=0.02)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])

@@ -1,5 +1,6 @@
 """The train/eval pipelines: exact and elastic resume, equal batches, mixing, bad data, decode."""
 
+import dataclasses
 import io
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,7 @@ from coatnet_scale.data.pipeline import (
     build_train_loader,
     eval_loader,
 )
-from coatnet_scale.data.shards import load_manifest
+from coatnet_scale.data.shards import Manifest, load_manifest, write_manifest
 from coatnet_scale.data.transforms import (
     TrainAugment,
     build_mixup,
@@ -328,3 +329,69 @@ def test_bad_samples_are_named_with_shard_key_source_and_reason(
     assert "25 more bad sample(s)" in ld.bad_summary()
     assert verify_shards.main([str(shards), "--quiet"]) == 1
     assert f"sample {damaged} (" in capsys.readouterr().out
+
+
+def sorted_shards(tmp_path: Path, classes: int = 6, per_class: int = 10) -> Manifest:
+    """One class per shard, as an ImageFolder written class by class elsewhere."""
+    from data_tools.writer import ShardJob, SourceSample, write_shard
+
+    infos = []
+    for c in range(classes):
+        samples = tuple(
+            SourceSample(f"s{c}x{i:03d}", c, jpeg_bytes(100 * c + i)) for i in range(per_class)
+        )
+        infos.append(write_shard(ShardJob(str(tmp_path / f"sorted-{c:06d}.tar"), samples)).info)
+    return write_manifest(tmp_path / "sorted.json", "sorted", infos, [str(c) for c in range(6)])
+
+
+def test_auto_order_detects_class_sorted_shards_with_or_without_histograms(tmp_path) -> None:
+    manifest = sorted_shards(tmp_path)
+    plan = BatchPlan(12, 6, 0, 1)
+    with_labels = TrainLoader([manifest], [60.0], 0, "exact", plan, AUG, 0, 0.5, "auto", 2)
+    assert with_labels.order.orders == ("global",)
+    assert "class-sorted" in with_labels.order_notes[0]
+    bare = dataclasses.replace(
+        manifest, shards=tuple(dataclasses.replace(s, labels=None) for s in manifest.shards)
+    )
+    sampled = TrainLoader([bare], [60.0], 0, "exact", plan, AUG, 0, 0.5, "auto", 2)
+    assert sampled.order.orders == ("global",)
+    assert "6 sampled shards" in sampled.order_notes[0]
+    distinct = [len(set(b["label"].tolist())) for b, _ in zip(sampled, range(10), strict=False)]
+    assert np.mean(distinct) >= 3.3  # i.i.d.: ~4.0 of 6; the window order: 2 at most
+
+
+def test_auto_keeps_the_order_a_resumed_run_started_with(uneven) -> None:
+    """auto's check depends on the batch sizes, which an elastic resume may change: the saved
+    order wins; an explicitly requested other order is refused."""
+    _, state = run_ranks(uneven, 1, 1, 4, 4, 0, order="global")
+    adopting = TrainLoader(uneven, [30.0], 0, "exact", BatchPlan(4, 2, 0, 1), AUG, 0, 0.5)
+    assert adopting.order.orders == ("window",)  # what auto chooses for these shards
+    adopting.load_state_dict(state)
+    assert adopting.order.orders == ("global",)
+    with pytest.raises(ValueError, match="sample order global"):
+        loader(uneven, BatchPlan(4, 2, 0, 1), order="window").load_state_dict(state)
+
+
+def test_positions_of_the_earlier_multi_source_mixing_are_refused(tmp_path: Path) -> None:
+    big = load_manifest(shard_set(tmp_path / "a", [40, 40], name="big"))
+    small = load_manifest(shard_set(tmp_path / "b", [5], name="small"))
+    plan = BatchPlan(8, 8, 0, 1)
+    ld = loader([big, small], plan, weights=[3.0, 1.0])
+    state = ld.state_dict()
+    assert state["order"].endswith("/mix2")
+    del state["order"]  # as saved before the cumulative mixing
+    with pytest.raises(ValueError, match="mixing"):
+        loader([big, small], plan, weights=[3.0, 1.0]).load_state_dict(state)
+
+
+def test_a_bug_in_our_decoding_propagates_instead_of_counting_as_bad_data(
+    uneven, monkeypatch
+) -> None:
+    import coatnet_scale.data.pipeline as pipeline
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("our arithmetic")
+
+    monkeypatch.setattr(pipeline, "decode_train", broken)
+    with pytest.raises(ZeroDivisionError, match="our arithmetic"):
+        next(iter(loader(uneven, BatchPlan(4, 4, 0, 1))))

@@ -214,8 +214,8 @@ def test_inputs_are_shuffled_into_shards_that_mix_classes(tmp_path: Path, capsys
     assert all(len(labels) == 1 for labels in sorted_.shard_labels())  # one class per shard
     assert np.mean([len(labels) for labels in mixed.shard_labels()]) >= 5  # 8 classes x 12
     assert sum(sum(h.values()) for h in mixed.shard_labels()) == 96
-    assert choose_order("auto", "m", mixed.shard_labels(), 4, (12,)).order == "window"
-    assert choose_order("auto", "s", sorted_.shard_labels(), 4, (12,)).order == "global"
+    assert choose_order("auto", "m", mixed.shard_labels(), 4, (12,), 96).order == "window"
+    assert choose_order("auto", "s", sorted_.shard_labels(), 4, (12,), 96).order == "global"
 
 
 def test_broken_inputs_are_named_and_never_reach_the_shards(tmp_path: Path, capsys) -> None:
@@ -276,6 +276,23 @@ def test_a_listed_file_that_cannot_be_read_is_named(tmp_path: Path, capsys) -> N
     err = capsys.readouterr().err
     assert f"skipped {src}/a/gone.jpg: unreadable: No such file or directory" in err
     assert load_manifest(tmp_path / "out" / "train.json").total_samples == 2
+
+
+def test_a_rerun_reuses_a_shard_only_for_the_same_job(folder: Path, tmp_path: Path) -> None:
+    """Another seed (or shard size, or input list) writes the shards again: a manifest never
+    describes shards written by another job (as after fixing class-sorted shards in place)."""
+    out = tmp_path / "out"
+    base = [str(folder), str(out), "--shard-samples", "4", "--quiet"]
+    assert make_shards.main([*base, "--no-shuffle"]) == 0
+    sorted_bytes = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert make_shards.main([*base, "--no-shuffle"]) == 0  # the same job: reused
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == sorted_bytes
+    assert make_shards.main(base) == 0  # shuffled now: every shard written again
+    shuffled = load_manifest(out / "train.json")
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} != sorted_bytes
+    assert max(len(labels) for labels in shuffled.shard_labels()) > 1
+    assert json.loads((out / "train.json").read_text())["shuffle_seed"] == 0
+    assert verify_shards.main([str(out / "train.json"), "--quiet"]) == 0
 
 
 def test_jpegs_without_rotation_are_stored_untouched(tmp_path: Path) -> None:
