@@ -285,12 +285,16 @@ class LoggingConfig:
     wandb_project: str = option("coatnet-scale", "wandb project")
     wandb_entity: str | None = option(None, "wandb entity (team); None: the account default")
     log_every: int = option(20, "log metrics every N steps")
-    peak_flops: float = option(989e12, "peak dense FLOP/s of one device for MFU (H100 bf16)")
+    peak_flops: float | None = option(
+        None,
+        "peak dense FLOP/s of one device in the training dtype, for MFU; null: from the GPU's "
+        "name (plan/hardware.py GPU_PEAKS), no MFU on CPUs or unknown GPUs",
+    )
 
     def validate(self) -> None:
         if self.log_every < 1:
             raise ConfigError("log_every", f"must be >= 1, got {self.log_every}")
-        if self.peak_flops <= 0:
+        if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError("peak_flops", f"must be > 0, got {self.peak_flops}")
 
 

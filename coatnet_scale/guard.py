@@ -9,9 +9,10 @@ overflow check is all-reduced):
   `precision.hysteresis`); it is the scaler working, not a failing run, so it is counted apart
   (`loss_scale_skips`) and never stops the run;
 - non-finite: the loss or the gradient norm is not finite, or the scaler overflowed although its
-  scale was already at `precision.min_loss_scale`. DeepSpeed skips such an update (ZeRO 1-3 and
-  the bf16/fp16 optimizers check the gradient norm; fp32 ZeRO-0's torch optimizer does not);
-  `train.max_nonfinite_steps` of them in a row end the run with `NonFiniteError`.
+  scale was already at `precision.min_loss_scale`. DeepSpeed skips such an update where its
+  optimizer checks the gradients (ZeRO 1-3, its bf16/fp16 optimizers); where the engine drives
+  the torch optimizer directly (fp32 ZeRO-0), `optim.GuardedAdamW` checks them the same way.
+  `train.max_nonfinite_steps` of them in a row end the run (`NonFiniteError`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,22 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 Outcome = Literal["applied", "calibration", "nonfinite"]
+
+
+@torch.no_grad()
+def gradient_norm(model: torch.nn.Module) -> float:
+    """The global gradient norm at the accumulation boundary (the gradients are averaged over
+    ranks there: every rank computes the same), for the path where DeepSpeed reports none (fp32
+    ZeRO-0, whose torch optimizer it drives directly)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    )
 
 
 class NonFiniteError(RuntimeError):

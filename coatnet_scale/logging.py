@@ -83,6 +83,26 @@ def rewind_metrics(path: Path, step: int) -> int:
     return len(moved)
 
 
+class ThroughputWindow:
+    """Images and time of the training steps since the last log: evaluation and checkpoint time
+    inside the window is measured apart (`pause`) and left out, so img/s and MFU are training
+    throughput, and the pauses are reported on their own."""
+
+    def __init__(self, clock=time.perf_counter) -> None:
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images, self.data_wait = self.clock(), 0, 0.0
+        self.paused: dict[str, float] = {}
+
+    def pause(self, what: str, seconds: float) -> None:
+        self.paused[what] = self.paused.get(what, 0.0) + seconds
+
+    def training_seconds(self) -> float:
+        return self.clock() - self.start - sum(self.paused.values())
+
+
 class RunLogger:
     """Metrics sink of one rank (a no-op everywhere but rank 0)."""
 

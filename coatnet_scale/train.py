@@ -44,12 +44,13 @@ from coatnet_scale.distributed.engine import (
 )
 from coatnet_scale.distributed.env import dist_env
 from coatnet_scale.ema import WeightEma, check_ema_supported
-from coatnet_scale.guard import NonFiniteError, StepGuard
-from coatnet_scale.logging import RunLogger, redact, rewind_metrics
+from coatnet_scale.guard import NonFiniteError, StepGuard, gradient_norm
+from coatnet_scale.logging import RunLogger, ThroughputWindow, redact, rewind_metrics
 from coatnet_scale.losses import classification_loss
 from coatnet_scale.memory import device_memory_metrics
 from coatnet_scale.models.flops import total_macs
-from coatnet_scale.optim import lr_at, set_lr
+from coatnet_scale.optim import GuardedAdamW, lr_at, set_lr
+from coatnet_scale.plan.hardware import device_peak_flops
 from coatnet_scale.seeding import seed_for
 from coatnet_scale.stop import StopRequest
 
@@ -223,7 +224,17 @@ def train(cfg: Config) -> dict[str, float]:
     ema = WeightEma(engine.module, cfg.train.ema_decay, device) if cfg.train.ema_decay > 0 else None
     normalizer = Normalizer(device, dtype)
     flops_per_image = 6 * total_macs(cfg.model)
+    peak_flops = cfg.logging.peak_flops or (
+        device_peak_flops(
+            torch.cuda.get_device_name(device), cfg.precision.dtype, cfg.precision.tf32
+        )
+        if device.type == "cuda"
+        else None
+    )
     guard = StepGuard(cfg.train.max_nonfinite_steps, cfg.precision.min_loss_scale)
+    # fp32 ZeRO-0: the engine drives our optimizer directly and reports no gradient norm
+    own_norm = isinstance(engine.optimizer, GuardedAdamW)
+    norm_before_step = None
 
     start_step = 0
     if saved is not None and load_plan is not None:
@@ -295,7 +306,7 @@ def train(cfg: Config) -> dict[str, float]:
     stop = StopRequest()  # from here on a stop signal means: checkpoint, then exit cleanly
     batches = iter(train_loader)
     final: dict[str, float] = {}
-    window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+    window = ThroughputWindow()  # training steps only: eval and checkpoint time measured apart
     last_save = time.monotonic()
     try:
         for step in range(start_step, cfg.train.total_steps):
@@ -306,7 +317,7 @@ def train(cfg: Config) -> dict[str, float]:
             for micro in range(plan.accumulation):
                 wait_start = time.perf_counter()
                 batch = next(batches)
-                window_wait += time.perf_counter() - wait_start
+                window.data_wait += time.perf_counter() - wait_start
                 images = normalizer(batch["image"].to(device, non_blocking=True))
                 targets = batch["label"].to(device, non_blocking=True)
                 valid = batch["valid"].to(device, non_blocking=True)
@@ -318,16 +329,19 @@ def train(cfg: Config) -> dict[str, float]:
                     logits, targets, cfg.train.loss, cfg.train.label_smoothing, valid
                 )
                 engine.backward(loss)
+                if micro == plan.accumulation - 1 and own_norm:
+                    norm_before_step = gradient_norm(engine.module)
                 engine.step()
                 losses.append(loss.detach().float())
-            window_images += cfg.train.global_batch_size
+            window.images += cfg.train.global_batch_size
 
-            # The step guard (coatnet_scale/guard.py): DeepSpeed has already skipped an update
-            # whose gradients overflowed (on every rank: its check is all-reduced); the loss is
-            # the mean over all ranks, so every rank classifies the step the same way.
+            # The step guard (coatnet_scale/guard.py): the optimizer has already skipped an update
+            # whose gradients were not finite (DeepSpeed's check is all-reduced; fp32 ZeRO-0's
+            # GuardedAdamW sees gradients averaged over ranks); the loss is the mean over all
+            # ranks, so every rank classifies the step the same way.
             loss_value = global_mean(torch.stack(losses).mean(), env.world_size)
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else None
+            reported = norm_before_step if own_norm else engine.get_global_grad_norm()
+            grad_norm = float(reported) if reported is not None else None
             applied = engine.was_step_applied()
             outcome = guard.observe(loss_value, grad_norm, applied, scale_before)
             if outcome == "applied" and ema is not None:
@@ -335,32 +349,29 @@ def train(cfg: Config) -> dict[str, float]:
             elif outcome == "nonfinite":
                 logger.message(
                     f"step {step + 1}: non-finite loss {loss_value} or gradient norm {grad_norm}: "
-                    + (
-                        "update skipped on every rank"
-                        if not applied
-                        else "this optimizer applied the update anyway"
-                    )
+                    "update skipped on every rank"
                 )
                 guard.check()
             logger.advance()
 
             done = step + 1
             if done % cfg.logging.log_every == 0 or done == cfg.train.total_steps:
-                elapsed = time.perf_counter() - window_start
-                img_per_s = window_images / elapsed
+                elapsed = window.training_seconds()
+                img_per_s = window.images / elapsed
                 metrics = {
                     "loss": loss_value,
                     "lr": lr,
                     "grad_norm": float("nan") if grad_norm is None else grad_norm,
                     "img_per_s": img_per_s,
-                    "step_time_s": elapsed * cfg.train.global_batch_size / window_images,
-                    "data_wait_share": window_wait / elapsed,
+                    "step_time_s": elapsed * cfg.train.global_batch_size / window.images,
+                    "data_wait_share": window.data_wait / elapsed,
                     **device_memory_metrics(device),
                     "skipped_steps": guard.skipped,
                     "bad_samples": global_sum(train_loader.bad_samples, device),
-                    "mfu": flops_per_image * img_per_s / (cfg.logging.peak_flops * env.world_size),
                     "epoch": train_loader.state_dict()["epoch"],
                 }
+                if peak_flops:
+                    metrics["mfu"] = flops_per_image * img_per_s / (peak_flops * env.world_size)
                 if scale_before is not None:
                     metrics |= {
                         "loss_scale": loss_scale(engine),
@@ -369,12 +380,13 @@ def train(cfg: Config) -> dict[str, float]:
                 logger.log(done, metrics)
                 final.update(metrics)
                 train_loader.bad_summary()
-                window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+                window.reset()
 
             last = done == cfg.train.total_steps
             if eval_loader is not None and (
                 last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
             ):
+                eval_start = time.perf_counter()
                 result = {
                     f"val_{k}": v for k, v in evaluate(engine, eval_loader, normalizer).items()
                 }
@@ -385,6 +397,8 @@ def train(cfg: Config) -> dict[str, float]:
                         for k, v in evaluate(engine, eval_loader, normalizer).items()
                     }
                     ema.swap(engine.module)
+                result["eval_s"] = time.perf_counter() - eval_start
+                window.pause("eval", result["eval_s"])
                 logger.log(done, result)
                 logger.message(
                     f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
@@ -400,8 +414,11 @@ def train(cfg: Config) -> dict[str, float]:
             due_anywhere, signum = largest([float(bool(due)), float(stop.received or 0)], device)
             save_now, stop_now = due_anywhere > 0, signum > 0
             if last or save_now or stop_now:
+                save_start = time.perf_counter()
                 save(done)
                 last_save = time.monotonic()
+                window.pause("checkpoint", time.perf_counter() - save_start)
+                logger.log(done, {"checkpoint_s": time.perf_counter() - save_start})
             if stop_now and not last:
                 logger.message(
                     f"stop requested ({signal.Signals(int(signum)).name}): stopped after step "

@@ -20,7 +20,6 @@ import random
 import signal
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -130,9 +129,7 @@ class TrainStream(IterableDataset):
         self, reader: ShardReader, slot: int, randaugment
     ) -> tuple[Item | None, str | None]:
         source, index = self.order.locate(slot)
-        per_slot = seed_for(self.order.seed, 0xA06, slot)
-        random.seed(per_slot)
-        np.random.seed(per_slot % (1 << 32))  # timm's RandAugment picks ops with numpy
+        random.seed(seed_for(self.order.seed, 0xA06, slot))  # crop, flip and RandAugment draws
         return _read(reader, source, index, lambda b: decode_train(b, self.augment, randaugment))
 
 

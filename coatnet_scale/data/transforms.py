@@ -1,6 +1,6 @@
 """Decode and augment one sample; mixup/cutmix for a batch.
 
-Train: RandomResizedCrop (timm's parameter sampling) -> horizontal flip -> RandAugment (timm) ->
+Train: RandomResizedCrop (timm's parameter sampling) -> horizontal flip -> RandAugment (TF's) ->
 uint8 CHW tensor. Eval: resize the shorter side to image_size / crop_pct, center crop. Both decode
 JPEGs in PIL's draft mode when the region to be kept allows: libjpeg then decodes at 1/2, 1/4 or
 1/8 scale directly (DCT scaling), which is several times faster than a full decode followed by a
@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import Mixup, rand_augment_transform
-from timm.data.auto_augment import _RAND_TRANSFORMS, RandAugment
+from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
+
+from coatnet_scale.data.randaugment import RandAugment
 
 RRC_RATIO = (3 / 4, 4 / 3)
 
@@ -46,22 +47,10 @@ class TrainAugment:
     interpolation: str = "bilinear"  # or "bicubic": about 2x the resize cost on CPU
 
     def randaugment(self) -> RandAugment | None:
-        """timm's RandAugment with the paper's (n, m).
-
-        timm clips the magnitude to its scale's maximum, 10, so the paper's m=15 acts as 10. Its
-        TF-style Posterize keeps int(m / 10 * 4) bits, 0 for m < 2.5, which Pillow >= 11 rejects
-        ("bits must be between 1 and 8"); the original AutoAugment Posterize (4..8 bits) stands
-        in for it.
-        """
+        """The paper's TF RandAugment at (n, m), the magnitude as configured (randaugment.py)."""
         if self.randaugment_n == 0:
             return None
-        hparams = dict(
-            translate_const=int(self.image_size * 0.45),
-            img_mean=tuple(round(255 * x) for x in IMAGENET_DEFAULT_MEAN),
-        )
-        ops = [op if op != "Posterize" else "PosterizeOriginal" for op in _RAND_TRANSFORMS]
-        spec = f"rand-m{self.randaugment_m}-n{self.randaugment_n}"
-        return rand_augment_transform(spec, hparams, transforms=ops)
+        return RandAugment(self.randaugment_n, self.randaugment_m, self.image_size)
 
 
 Box = tuple[float, float, float, float]

@@ -176,12 +176,21 @@ class CoAtNet(nn.Module):
     # ---- what the trainer reads --------------------------------------------------------------
 
     def no_weight_decay(self) -> set[str]:
-        """Names of the parameters not to decay: norms, biases and relative-position tables."""
-        return {
-            name
-            for name, p in self.named_parameters()
-            if p.ndim <= 1 or name.endswith("rel_pos.table")
-        }
+        """Names of the parameters not to decay: the weights and biases of normalisation layers,
+        every bias, and the relative-position tables.
+
+        Decided by module type and parameter name, never by the stored shape: under ZeRO-3 a
+        parameter is stored as a flat partition of shape (0,), and a shape test (timm's
+        `param_groups_weight_decay` too) would exempt every parameter from decay.
+        """
+        names = set()
+        for module_name, module in self.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm | nn.LayerNorm)
+            for param_name, _ in module.named_parameters(recurse=False):
+                if is_norm or param_name == "bias" or isinstance(module, RelPosBias):
+                    names.add(prefix + param_name)
+        return names
 
     def set_grad_checkpointing(
         self, enable: bool = True, stages: Iterable[str] | None = None

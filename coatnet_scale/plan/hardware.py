@@ -42,3 +42,30 @@ PRESETS: dict[str, Hardware] = {
     # A100 SXM4 80GB: 312 TFLOP/s bf16, 2.04 TB/s, NVLink3 300 GB/s; 200 Gb/s HDR per GPU.
     "a100-80gb": Hardware("a100-80gb", 80 * GB, 312e12, 2.04e12, 300 * GB, 25 * GB, 20e-6, 2 * GIB),
 }
+
+
+# Dense peak FLOP/s per device by GPU name, for MFU: (bf16/fp16 tensor cores, TF32, plain fp32).
+# Vendor figures without sparsity; the first matching name wins (more specific names first).
+GPU_PEAKS: tuple[tuple[str, tuple[float, float | None, float]], ...] = (
+    ("H100 PCIe", (756e12, 378e12, 51e12)),
+    ("H100 NVL", (835e12, 418e12, 60e12)),
+    ("H100", (989e12, 494e12, 67e12)),  # SXM5
+    ("H200", (989e12, 494e12, 67e12)),
+    ("GH200", (989e12, 494e12, 67e12)),
+    ("B200", (2250e12, 1100e12, 75e12)),
+    ("A100", (312e12, 156e12, 19.5e12)),
+    ("L40S", (362e12, 183e12, 91.6e12)),
+    ("A10", (125e12, 62.5e12, 31.2e12)),
+)
+
+
+def device_peak_flops(device_name: str, dtype: str, tf32: bool) -> float | None:
+    """The dense peak of a GPU named `device_name` for compute in `dtype` (fp32 uses TF32 when
+    `tf32`), or None when the GPU is not in `GPU_PEAKS` (MFU is then left out, never divided by
+    another device's peak). CPUs have no entry: configure `logging.peak_flops` to get MFU."""
+    for key, (low, tf32_peak, fp32_peak) in GPU_PEAKS:
+        if key in device_name:
+            if dtype in ("bf16", "fp16"):
+                return low
+            return tf32_peak if tf32 and tf32_peak else fp32_peak
+    return None

@@ -15,6 +15,13 @@ import torch.distributed as dist
 
 import coatnet_scale.train as training
 from coatnet_scale.cli import config_parser, parse_config_args
+from coatnet_scale.distributed.engine import (
+    build_sharded_model,
+    init_process_group,
+    to_deepspeed_config,
+)
+from coatnet_scale.distributed.env import dist_env
+from coatnet_scale.optim import param_groups
 
 STEPS = 4
 SCENARIOS = {
@@ -27,12 +34,31 @@ SCENARIOS = {
     "ckpt_on": ["zero.stage=2", "activation_checkpointing.policy=all"],
     "ckpt_off": ["zero.stage=2"],
     "bf16": ["zero.stage=2", "precision.dtype=bf16"],
-    "nan": ["zero.stage=2", "train.max_nonfinite_steps=3"],
-    "fp16": ["zero.stage=2", "precision.dtype=fp16"],
+    # a NaN loss on rank 1 at step 2, every stage x precision, a checkpoint after every step
+    **{
+        f"nan_z{stage}_{dtype}": [
+            f"zero.stage={stage}",
+            f"precision.dtype={dtype}",
+            "train.max_nonfinite_steps=3",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=5",
+            "train.total_steps=3",
+        ]
+        for stage in (0, 1, 2, 3)
+        for dtype in ("fp32", "bf16")
+    },
     "offload": ["zero.stage=2", "zero.offload_optimizer=cpu"],
     "offload3": ["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"],
     "ema": ["zero.stage=1", "train.ema_decay=0.9"],
     "compile": ["zero.stage=2", "train.compile=true"],
+    # zero gradients (the loss times 0), weight decay 0.5 at lr 0.1, ZeRO-3: one step
+    "wd_zero3": [
+        "zero.stage=3",
+        "optim.lr=0.1",
+        "optim.weight_decay=0.5",
+        "schedule.min_lr=0",
+        "train.total_steps=1",
+    ],
     "compile_ckpt_all": [
         "zero.stage=2",
         "train.compile=true",
@@ -97,16 +123,47 @@ def freeze_batchnorm_statistics() -> None:
     training.build_engine = build
 
 
+def zero_gradients() -> None:
+    original = training.classification_loss
+    training.classification_loss = lambda *args, **kwargs: original(*args, **kwargs) * 0.0
+
+
+def record_weight_decay_groups(out: Path, data: str) -> None:
+    """The decayed / not decayed parameter names our AdamW groups get from the model DeepSpeed
+    will hold, for ZeRO 0-3 x fp32/bf16 (ZeRO-3: partitioned by zero.Init)."""
+    groups = {}
+    for stage in (0, 1, 2, 3):
+        for dtype in ("fp32", "bf16"):
+            overrides = [*debug_run(data, out / "wd", 1, 4), f"zero.stage={stage}"]
+            overrides.append(f"precision.dtype={dtype}")
+            cfg, _ = parse_config_args(["--model", "coatnet_debug", *overrides], config_parser("t"))
+            device = init_process_group(cfg, dist_env()).device
+            model = build_sharded_model(
+                cfg.model, stage, to_deepspeed_config(cfg, dist.get_world_size()), device
+            )
+            names = {id(p): n for n, p in model.named_parameters()}
+            decay, no_decay = param_groups(model, cfg.optim.weight_decay)
+            groups[f"{stage}/{dtype}"] = {
+                "decay": sorted(names[id(p)] for p in decay["params"]),
+                "no_decay": sorted(names[id(p)] for p in no_decay["params"]),
+            }
+    if dist.get_rank() == 0:
+        (out / "wd_groups.json").write_text(json.dumps(groups))
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's flag
     out, names, data = Path(args[0]), args[1].split(","), args[2]
+    record_weight_decay_groups(out, data)
     originals = (training.build_engine, training.classification_loss)
     for name in names:
         training.build_engine, training.classification_loss = originals  # undo earlier patches
         overrides = [*debug_run(data, out / name, STEPS, micro_batch=4), *SCENARIOS[name]]
         cfg, _ = parse_config_args(["--model", "coatnet_debug", *overrides], config_parser("t"))
-        if name == "nan":
+        if name.startswith("nan"):
             inject_nan_on_rank1_at_step(2)
+        if name == "wd_zero3":
+            zero_gradients()
         if name.startswith("ga"):
             freeze_batchnorm_statistics()
         final = training.train(cfg)

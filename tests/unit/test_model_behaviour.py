@@ -237,9 +237,15 @@ def test_no_weight_decay_names_norms_biases_and_tables_only() -> None:
     params = dict(model.named_parameters())
     assert set(rel_tables(model)) <= names
     assert "stem.norm1.weight" in names and "head.fc.bias" in names
-    assert all(params[n].ndim <= 1 or n.endswith("rel_pos.table") for n in names)
+    # the same set as a shape rule on the unpartitioned model, plus the 3-D tables
+    assert names == {n for n, p in params.items() if p.ndim <= 1} | set(rel_tables(model))
     decayed = set(params) - names
     assert "stem.conv1.weight" in decayed and "head.fc.weight" in decayed
+    # and by name, not shape: a partitioned-looking parameter (ZeRO-3 stores shape (0,)) keeps
+    # its decay
+    for param in model.parameters():
+        param.data = torch.empty(0)
+    assert model.no_weight_decay() == names
 
 
 def test_relative_position_index_is_query_minus_key() -> None:

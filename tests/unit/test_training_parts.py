@@ -2,6 +2,7 @@
 logging, plots, dry-run plan."""
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -115,6 +116,15 @@ def test_deepspeed_config_is_generated_from_the_tree() -> None:
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    # read back the way DeepSpeed reads it: dynamic loss scaling from 2**16 (its own fused
+    # default would be 2**32: ~16 more calibration skips), halving after 2 overflows, floor 1
+    from deepspeed.runtime.precision_config import get_float16_config
+
+    fp16 = get_float16_config(ds)
+    assert fp16.enabled and fp16.loss_scale == 0  # 0: dynamic
+    assert fp16.initial_dynamic_scale() == 2**16
+    assert fp16.dynamic_loss_scale_args()["delayed_shift"] == 2
+    assert fp16.dynamic_loss_scale_args()["min_scale"] == 1.0
     with pytest.raises(ValueError, match="does not split into 3 ranks"):
         to_deepspeed_config(cfg, world_size=3)
 
@@ -275,3 +285,61 @@ def test_normalizer_keeps_its_constants_on_the_device() -> None:
     floats = images.float()
     normalizer(floats)
     assert torch.equal(floats, images.float())  # the input is not modified in place
+
+
+def test_throughput_leaves_out_evaluation_and_checkpoint_time() -> None:
+    from coatnet_scale.logging import ThroughputWindow
+
+    now = [100.0]
+    window = ThroughputWindow(clock=lambda: now[0])
+    now[0] += 10.0  # ten seconds of steps...
+    window.images += 640
+    window.pause("eval", 30.0)  # ...a 30 s evaluation and a 15 s checkpoint inside the window
+    window.pause("checkpoint", 15.0)
+    now[0] += 45.0
+    assert window.training_seconds() == pytest.approx(10.0)
+    assert window.images / window.training_seconds() == pytest.approx(64.0)  # not 640 / 55
+    window.reset()
+    assert window.images == 0 and window.training_seconds() == pytest.approx(0.0)
+
+
+def test_mfu_peak_is_the_devices_own_or_none() -> None:
+    from coatnet_scale.plan.hardware import device_peak_flops
+
+    assert device_peak_flops("NVIDIA H100 80GB HBM3", "bf16", True) == 989e12
+    assert device_peak_flops("NVIDIA H100 PCIe", "bf16", True) == 756e12
+    assert device_peak_flops("NVIDIA H200", "fp16", True) == 989e12
+    assert device_peak_flops("NVIDIA A100-SXM4-80GB", "fp32", True) == 156e12  # TF32
+    assert device_peak_flops("NVIDIA A100-SXM4-80GB", "fp32", False) == 19.5e12
+    assert device_peak_flops("Some Future GPU", "bf16", True) is None  # left out, not guessed
+    assert load_config().logging.peak_flops is None  # CPUs: MFU only when configured
+
+
+def test_the_optimizer_skips_a_nonfinite_update_the_way_deepspeed_reads_it() -> None:
+    """fp32 ZeRO-0 drives our AdamW directly (torch's would apply NaN gradients): a non-finite
+    step leaves weights, moments and step counts bitwise as they were and raises `overflow`,
+    which DeepSpeed's engine reads (`was_step_applied`)."""
+    from coatnet_scale.guard import gradient_norm
+    from coatnet_scale.optim import GuardedAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    optimizer = GuardedAdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    assert math.isfinite(gradient_norm(model))
+    optimizer.step()
+    assert not optimizer.overflow
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    optimizer.zero_grad()
+    (model(torch.randn(2, 4)).sum() * float("nan")).backward()
+    assert math.isnan(gradient_norm(model))
+    optimizer.step()
+    assert optimizer.overflow
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for p, s in optimizer.state.items():
+        assert all(torch.equal(v, state[id(p)][k]) for k, v in s.items())
+    optimizer.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    assert not optimizer.overflow and not torch.equal(model[0].weight, before["0.weight"])
