@@ -221,7 +221,6 @@ def train(cfg: Config) -> dict[str, float]:
             f"{binding.device}: DeepSpeed chose its accelerator from what torch saw (set "
             "DS_ACCELERATOR=cpu for distributed.device=cpu; launch/pretrain.py does)"
         )
-    ema = WeightEma(engine.module, cfg.train.ema_decay, device) if cfg.train.ema_decay > 0 else None
     normalizer = Normalizer(device, dtype)
     flops_per_image = 6 * total_macs(cfg.model)
     peak_flops = cfg.logging.peak_flops or (
@@ -240,6 +239,9 @@ def train(cfg: Config) -> dict[str, float]:
     if saved is not None and load_plan is not None:
         checkpoint.load(engine, load_plan)
         train_loader.load_state_dict(saved.data)
+    # after loading: an EMA the checkpoint lacks starts from the loaded weights, not the initial
+    ema = WeightEma(engine.module, cfg.train.ema_decay, device) if cfg.train.ema_decay > 0 else None
+    if saved is not None and load_plan is not None:
         restore_ema(ema, resume_from, notes)
         start_step = saved.step
         guard.skipped, guard.loss_scale_skips = saved.skipped_steps, saved.loss_scale_skips

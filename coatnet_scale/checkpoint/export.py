@@ -25,7 +25,8 @@ from coatnet_scale.models import EXPORT_WEIGHTS, read_state_dict
 def consolidated_state_dict(ckpt: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Full fp32 weights and buffers of a checkpoint of any ZeRO stage, in one process (DeepSpeed's
     zero_to_fp32 merges the partitions; ZeRO-0 keeps the module whole). With `use_ema`, the EMA
-    weights replace the trained ones (buffers are the trained model's)."""
+    weights and BatchNorm statistics replace the trained ones (an EMA saved before it tracked
+    statistics replaces the weights only)."""
     if any(ckpt.glob("*_optim_states.pt")):  # ZeRO 1-3: partitioned fp32 master weights
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -49,8 +49,16 @@ SCENARIOS = {
     },
     "offload": ["zero.stage=2", "zero.offload_optimizer=cpu"],
     "offload3": ["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"],
-    "ema": ["zero.stage=1", "train.ema_decay=0.9"],
+    "ema": [
+        "zero.stage=1",
+        "train.ema_decay=0.9",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=5",
+    ],
     "compile": ["zero.stage=2", "train.compile=true"],
+    # 3 steps without EMA, then the same run resumed with EMA for a 4th step
+    "ema_late_a": ["zero.stage=1", "train.total_steps=3"],
+    "ema_late_b": ["zero.stage=1", "train.ema_decay=0.9"],
     # zero gradients (the loss times 0), weight decay 0.5 at lr 0.1, ZeRO-3: one step
     "wd_zero3": [
         "zero.stage=3",
@@ -158,7 +166,8 @@ def main() -> None:
     originals = (training.build_engine, training.classification_loss)
     for name in names:
         training.build_engine, training.classification_loss = originals  # undo earlier patches
-        overrides = [*debug_run(data, out / name, STEPS, micro_batch=4), *SCENARIOS[name]]
+        run = out / name.removesuffix("_a").removesuffix("_b")  # _a and _b share a run
+        overrides = [*debug_run(data, run, STEPS, micro_batch=4), *SCENARIOS[name]]
         cfg, _ = parse_config_args(["--model", "coatnet_debug", *overrides], config_parser("t"))
         if name.startswith("nan"):
             inject_nan_on_rank1_at_step(2)
@@ -168,9 +177,7 @@ def main() -> None:
             freeze_batchnorm_statistics()
         final = training.train(cfg)
         if dist.get_rank() == 0:
-            metrics = [
-                json.loads(x) for x in (out / name / "metrics.jsonl").read_text().split("\n") if x
-            ]
+            metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().split("\n") if x]
             losses = [m["loss"] for m in metrics if "loss" in m]
             (out / f"{name}.json").write_text(json.dumps({"losses": losses, "final": final}))
 

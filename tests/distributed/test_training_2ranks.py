@@ -29,7 +29,7 @@ def results(tmp_path_factory) -> Path:
     data = debug_data(tmp)
     names = (
         "zero0 zero1 zero2 zero3 ga1x8 ga2x4 ckpt_on ckpt_off bf16 offload offload3 ema compile"
-        " compile_ckpt_all compile_ckpt_stages wd_zero3"
+        " compile_ckpt_all compile_ckpt_stages wd_zero3 ema_late_a ema_late_b"
     )
     names = names.split() + NAN_RUNS
     proc = launch(
@@ -71,9 +71,34 @@ def test_compile_works_with_activation_checkpointing(results: Path, name: str) -
     assert losses(results, name) == pytest.approx(losses(results, "zero0"), rel=1e-4)
 
 
-def test_ema_weights_are_evaluated(results: Path) -> None:
+def test_ema_equals_an_independent_average_of_the_weights_and_statistics(results: Path) -> None:
+    """The EMA saved after 4 steps (decay 0.9, ZeRO-1) equals the average computed here from the
+    initial weights and each step's consolidated weights and BatchNorm statistics; it differs
+    from the trained weights; and it was evaluated."""
+    from coatnet_scale import checkpoint
+    from coatnet_scale.models import ModelConfig, build_model
+
+    root = results / "ema" / "checkpoints"
+    torch.manual_seed(0)
+    ema = {
+        k: v.detach().float().clone()
+        for k, v in build_model(ModelConfig(name="coatnet_debug", image_size=32, num_classes=3))
+        .state_dict()
+        .items()
+        if v.is_floating_point()
+    }
+    for step in range(1, 5):
+        weights = checkpoint.consolidated_state_dict(root / checkpoint.step_name(step))
+        for name in ema:
+            ema[name] += 0.1 * (weights[name].float() - ema[name])
+    saved = checkpoint.read_ema(root / checkpoint.step_name(4))
+    assert saved.keys() == ema.keys()  # weights and running statistics
+    for name, value in ema.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    trained = checkpoint.consolidated_state_dict(root / checkpoint.step_name(4))
+    assert max((saved[n] - trained[n].float()).abs().max().item() for n in ema) > 1e-3
     final = json.loads((results / "ema.json").read_text())["final"]
-    assert 0.0 <= final["val_ema_top1"] <= 1.0 and final["val_ema_samples"] == 9
+    assert final["val_ema_samples"] == 9 and 0.0 <= final["val_ema_top1"] <= 1.0
 
 
 def test_checkpoints_are_saved_at_the_step_cadence(results: Path) -> None:
@@ -248,3 +273,18 @@ def test_weight_decay_shrinks_decayed_weights_only_under_zero3(results: Path) ->
         torch.testing.assert_close(after[name], before[name].detach() * (1 - 0.1 * 0.5))
     for name in exempt:
         assert torch.equal(after[name], before[name].detach()), name
+
+
+def test_an_ema_started_on_resume_starts_from_the_loaded_weights(results: Path) -> None:
+    """Resuming a checkpoint without EMA: the EMA begins at the loaded step-3 weights (it was
+    built before loading, from the freshly initialised ones), so after one more step it is
+    0.9 w3 + 0.1 w4."""
+    from coatnet_scale import checkpoint
+
+    root = results / "ema_late" / "checkpoints"
+    w3 = checkpoint.consolidated_state_dict(root / checkpoint.step_name(3))
+    w4 = checkpoint.consolidated_state_dict(root / checkpoint.step_name(4))
+    saved = checkpoint.read_ema(root / checkpoint.step_name(4))
+    for name, value in saved.items():
+        expected = w3[name].float() + 0.1 * (w4[name].float() - w3[name].float())
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)

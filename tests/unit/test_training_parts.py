@@ -222,6 +222,18 @@ def test_weight_ema_tracks_and_swaps() -> None:
     torch.testing.assert_close(model.weight.detach(), start + 1.0)
     ema.swap(model)
     torch.testing.assert_close(model.weight.detach(), start + 2.0)
+    # BatchNorm statistics are averaged and swapped with the weights
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
+    ema = WeightEma(net, decay=0.5, device=torch.device("cpu"))
+    assert "1.running_mean" in ema.shadow and "1.num_batches_tracked" not in ema.shadow
+    net(torch.randn(8, 3, 4, 4) + 3.0)  # moves the running mean
+    moved = net[1].running_mean.clone()
+    ema.update(net)
+    torch.testing.assert_close(ema.shadow["1.running_mean"], moved / 2)
+    ema.swap(net)
+    torch.testing.assert_close(net[1].running_mean, moved / 2)
+    ema.swap(net)
+    torch.testing.assert_close(net[1].running_mean, moved)
     check_ema_supported(load_config(overrides=["train.ema_decay=0.9999", "zero.stage=2"]))
     with pytest.raises(ValueError, match="zero.stage <= 2"):
         check_ema_supported(load_config(overrides=["train.ema_decay=0.9999", "zero.stage=3"]))
