@@ -197,10 +197,29 @@ def convert_to_universal(ckpt: Path) -> str | None:
 
 
 def load(engine, plan: LoadPlan) -> None:
-    """DeepSpeed's load of model, optimizer and engine counters (all ranks)."""
+    """DeepSpeed's load of model, optimizer and engine counters (all ranks).
+
+    Two repairs after a universal (elastic) load under ZeRO-3 (DeepSpeed 0.19,
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`):
+    - it gives every parameter group the hyperparameters of the first ("the hyperparameters of
+      each parameter should be the same"): the norms, biases and tables would be decayed like the
+      weights. The groups' own hyperparameters, as this run set them up, are put back (lr is set
+      every step anyway);
+    - it gives every group the same `step` tensor object, which AdamW increments in place once
+      per group: after the resume the step count, and with it Adam's bias correction, ran ahead
+      (3 steps later a 2-group run was at step 9, not 6). Each state gets its own copy.
+    """
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     path, _ = engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_module_strict=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
+    if plan.universal:
+        for group, own in zip(engine.optimizer.param_groups, groups, strict=True):
+            group.update(own)
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def restore_rng(ckpt: Path, rank: int, same_world: bool) -> bool:

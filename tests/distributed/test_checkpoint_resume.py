@@ -246,6 +246,18 @@ def test_elastic_resume_continues_equivalently(out, name, reference) -> None:
     assert slots == consumed(out, reference)[24:]
 
 
+def test_an_elastic_zero3_resume_keeps_each_groups_step_count_and_weight_decay(out) -> None:
+    """DeepSpeed's universal load under ZeRO-3 shared one step tensor between the parameter
+    groups (AdamW counted every step twice: step 9 after 6 steps) and gave the no-decay group the
+    decay of the first; both repaired in checkpoint.load."""
+    ckpt = out["tmp"] / "to1_z3" / "checkpoints" / STEP6
+    [optim] = ckpt.glob("*optim_states.pt")
+    state = torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    inner = state["optimizer_state_dict"]
+    assert [float(s["step"]) for s in inner["state"].values()] == [6.0, 6.0]
+    assert [g["weight_decay"] for g in inner["param_groups"]] == [0.05, 0.0]
+
+
 def run_of(name: str) -> str:
     return "single_to2" if name == "to2" else name
 
