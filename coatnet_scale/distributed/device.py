@@ -43,10 +43,9 @@ class DeviceError(RuntimeError):
 
 @dataclass(frozen=True)
 class DeviceBinding:
-    """The device this rank computes on, and how many CUDA devices it could see."""
+    """The device this rank computes on."""
 
     device: torch.device
-    visible: int = 0
 
     @property
     def is_cuda(self) -> bool:
@@ -123,7 +122,7 @@ def bind_device(
     visible = torch.cuda.device_count()
     index = visible_device_index(local_rank, local_world_size, visible)
     torch.cuda.set_device(index)
-    return DeviceBinding(torch.device("cuda", index), visible)
+    return DeviceBinding(torch.device("cuda", index))
 
 
 def configure_cuda_math(tf32: bool) -> None:
