@@ -108,10 +108,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
 
 
 if __name__ == "__main__":
+    import torch.distributed as dist
+
     from coatnet_scale.stop import EXIT_STOPPED
 
     under_srun = dist_env().launcher == "slurm"  # read now: training exports torch's variables
-    result = main()
+    try:
+        result = main()
+    finally:
+        # Left to interpreter shutdown, gloo's worker threads can abort the process after a
+        # finished run ("terminate called without an active exception", SIGABRT: pytorch
+        # issue 190489); torchtitan destroys its process group the same way.
+        if dist.is_initialized():
+            dist.destroy_process_group()
     # Stopped on a signal with a checkpoint committed: tell the launcher to retry (75). Under
     # srun a stopped rank exits 0 instead: srun --kill-on-bad-exit would SIGTERM the ranks still
     # finishing (wandb, process-group teardown), and the SLURM batch step reads the run's progress

@@ -9,6 +9,7 @@ Skipped, with the reason, only where the cluster cannot be started (not root).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -100,16 +101,19 @@ def logged_step(run: Path) -> int:
     path = run / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line]
+    steps = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
+            steps.append(json.loads(line).get("step", 0))
     return max(steps, default=0)
 
 
-def wait_for(condition, what: str, timeout: float = 240) -> None:
+def wait_for(condition, what: str, timeout: float = 240, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 def finished(cluster: LocalCluster, job_id: str) -> bool:
@@ -124,6 +128,53 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return checkpoint.consolidated_state_dict(run / "checkpoints" / checkpoint.step_name(STEPS))
 
 
+def training_pids(job_id: str, rank: int | None = None) -> list[int]:
+    """The training processes of job `job_id` (`python launch/pretrain.py`, not srun), or the
+    one of `rank` (its SLURM_PROCID)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        python = Path(argv[0].decode(errors="ignore")).name.startswith("python")
+        script = any(arg.endswith(b"launch/pretrain.py") for arg in argv)
+        ours = f"SLURM_JOB_ID={job_id}".encode() in env
+        if rank is not None:
+            ours = ours and f"SLURM_PROCID={rank}".encode() in env
+        if python and script and ours:
+            pids.append(int(proc.name))
+    return pids
+
+
+def pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits for delivery to process `pid` (its /proc status masks)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # gone: nothing left to wait for
+    masks = re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)", status, re.MULTILINE)
+    return any(int(mask, 16) >> (signum - 1) & 1 for mask in masks)
+
+
+def signal_paused_tasks(cluster: LocalCluster, job_id: str, sig: str) -> None:
+    """`scancel --signal=SIG` while the training tasks are stopped (SIGSTOP), then let them go
+    on: the signal reaches them mid-run, however fast the machine trains the remaining steps
+    (without the pause, a fast machine finished all steps before SLURM delivered it)."""
+    pids = training_pids(job_id)
+    assert len(pids) == 2, f"training processes of job {job_id}: {pids}"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        cluster.run("scancel", f"--signal={sig}", job_id)
+        signum = signal.Signals[f"SIG{sig}"].value
+        wait_for(lambda: all(pending(pid, signum) for pid in pids), f"{sig} to reach the tasks", 60)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_preempted_twice_the_job_ends_like_an_uninterrupted_one(cluster, data, tmp_path) -> None:
     reference, preempted = tmp_path / "reference", tmp_path / "preempted"
     ref_job = submit(cluster, "reference", reference, data)
@@ -134,14 +185,13 @@ def test_preempted_twice_the_job_ends_like_an_uninterrupted_one(cluster, data, t
 
     # USR1: the warning `--signal=USR1@300` sends before the time limit; TERM: what SLURM sends
     # every task when it preempts a job (PreemptMode=REQUEUE) or scancel does.
-    for restart, at_step, sig in ((0, 5, "USR1"), (1, 14, "TERM")):
-        wait_for(
-            lambda r=restart, s=at_step: (
-                job(cluster, job_id).get("Restarts") == str(r) and logged_step(preempted) >= s
-            ),
-            f"restart {restart} to pass step {at_step}",
-        )
-        cluster.run("scancel", f"--signal={sig}", job_id)
+    # Each time two steps into the restart: the debug model trains a step in tens of
+    # milliseconds here, so the steps are watched closely and the tasks paused for the signal.
+    for restart, sig in ((0, "USR1"), (1, "TERM")):
+        wait_for(lambda r=restart: job(cluster, job_id).get("Restarts") == str(r), "the restart")
+        begun = logged_step(preempted)
+        wait_for(lambda b=begun: logged_step(preempted) >= b + 2, "two steps", poll=0.005)
+        signal_paused_tasks(cluster, job_id, sig)
         wait_for(lambda r=restart: job(cluster, job_id).get("Restarts") == str(r + 1), "requeue")
         release(cluster, job_id)
     wait_for(lambda: finished(cluster, job_id), "the preempted job")
@@ -171,20 +221,6 @@ def test_preempted_twice_the_job_ends_like_an_uninterrupted_one(cluster, data, t
     assert any("val_top1" in r for r in records)
 
 
-def task_pid(job_id: str, rank: int) -> int | None:
-    """The training process of `rank` in job `job_id` (its SLURM_PROCID)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if "launch/pretrain.py" not in (proc / "cmdline").read_bytes().decode(errors="ignore"):
-                continue
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURM_PROCID={rank}".encode() in env:
-            return int(proc.name)
-    return None
-
-
 def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
     cluster, data, tmp_path
 ) -> None:
@@ -192,8 +228,7 @@ def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
     job_id = submit(cluster, "killed", run, data)
     wait_for(lambda: logged_step(run) >= 6, "step 6 (after the step-4 checkpoint)")
     newest = checkpoint.list_checkpoints(run / "checkpoints")[-1]
-    pid = task_pid(job_id, 1)
-    assert pid is not None
+    (pid,) = training_pids(job_id, rank=1)
     killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)  # rank 1, on node n2
     wait_for(lambda: job(cluster, job_id).get("Restarts") == "1", "the requeue", timeout=120)
