@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 from torch import nn
 
 from coatnet_scale.config import OptimConfig, ScheduleConfig
@@ -38,18 +39,65 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-class GuardedAdamW(torch.optim.AdamW):
+EMA_KEY = "ema"  # the optimizer-state entry holding a parameter's EMA
+
+
+class MasterWeightEma:
+    """Mixin for a torch optimizer: after every applied step, the EMA of each parameter it steps
+    is updated in its state (`state[p]["ema"]`, fp32), next to Adam's moments.
+
+    Why in the optimizer: the parameters an optimizer steps are the fp32 master weights on every
+    ZeRO stage and precision (DeepSpeed hands the wrapped optimizer each rank's flat fp32
+    partition; under ZeRO-0 fp32 the model's own weights). The EMA therefore averages the master
+    weights, not their bf16 copies, is partitioned exactly like the optimizer state (each rank
+    holds the EMA of its own partition, ZeRO 1-3), and is saved, loaded and re-partitioned on an
+    elastic resume by DeepSpeed along with the moments (`coatnet_scale.checkpoint` adds it to the
+    universal checkpoint, which DeepSpeed writes for the moments only). No reference trainer
+    (timm, open_clip, torchtitan, DeepSpeed) keeps a sharded EMA; timm's ModelEmaV3 keeps a full
+    copy per rank.
+
+    The EMA starts at the weights before its first step (a run's initial weights, or the loaded
+    ones when a checkpoint without EMA is resumed) and moves as `ema += (1 - decay) (w - ema)`
+    after each applied step; a skipped step (`overflow`) leaves it unchanged.
+    """
+
+    ema_decay: float = 0.0
+    overflow: bool = False
+
+    def _ema_starting(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Copies of the parameters whose EMA starts with this step (taken before it)."""
+        if not self.ema_decay:
+            return {}
+        return {
+            p: p.detach().to(torch.float32, copy=True)
+            for group in self.param_groups
+            for p in group["params"]
+            if EMA_KEY not in self.state.get(p, {})
+        }
+
+    @torch.no_grad()
+    def _ema_update(self, starting: dict[torch.Tensor, torch.Tensor]) -> None:
+        if not self.ema_decay or self.overflow:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if EMA_KEY not in state:
+                    state[EMA_KEY] = starting[p]
+                state[EMA_KEY].lerp_(p.detach().to(torch.float32), 1.0 - self.ema_decay)
+
+
+class GuardedAdamW(MasterWeightEma, torch.optim.AdamW):
     """torch's AdamW that leaves parameters and state untouched when the gradients are not
     finite, and says so the way DeepSpeed's own optimizers do (an `overflow` flag the engine reads
-    after the step: `was_step_applied()`, its skipped-step count).
+    after the step: `was_step_applied()`, its skipped-step count); with `ema_decay`, it keeps the
+    EMA of what it steps (`MasterWeightEma`).
 
     DeepSpeed's ZeRO and mixed-precision optimizers check the gradients before they step the
     optimizer they wrap; with fp32 ZeRO-0 the engine drives the torch optimizer directly, and
     AdamW would turn every weight NaN. Under the other stages this check sees the finite fp32
     partitions the wrapper passes on, and never skips.
     """
-
-    overflow = False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,18 +107,38 @@ class GuardedAdamW(torch.optim.AdamW):
         self.overflow = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
         if self.overflow:
             return None
-        return super().step(closure)
+        starting = self._ema_starting()
+        result = super().step(closure)
+        self._ema_update(starting)
+        return result
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the two groups (`GuardedAdamW`); DeepSpeed wraps it (its config says
-    zero_allow_untested_optimizer)."""
-    return GuardedAdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.betas[0], cfg.betas[1]),
-        eps=cfg.eps,
-    )
+class OffloadAdamW(MasterWeightEma, DeepSpeedCPUAdam):
+    """DeepSpeed's vectorised CPU Adam in AdamW mode, for ZeRO-Offload (DeepSpeed refuses a torch
+    optimizer there: ZeRORuntimeException), with the EMA of what it steps. DeepSpeed checks the
+    gradients before it calls this step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        starting = self._ema_starting()
+        result = super().step(closure)
+        self._ema_update(starting)
+        return result
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, ema_decay: float = 0.0, offload: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over the two groups (`GuardedAdamW`, or `OffloadAdamW` when ZeRO-Offload steps it on
+    the CPU); DeepSpeed wraps it (its config says zero_allow_untested_optimizer)."""
+    groups = param_groups(model, cfg.weight_decay)
+    betas = (cfg.betas[0], cfg.betas[1])
+    if offload:
+        optimizer = OffloadAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adamw_mode=True)
+    else:
+        optimizer = GuardedAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    optimizer.ema_decay = ema_decay
+    return optimizer
 
 
 def lr_at(step: int, peak: float, schedule: ScheduleConfig, total_steps: int) -> float:

@@ -43,7 +43,7 @@ from coatnet_scale.distributed.engine import (
     to_deepspeed_config,
 )
 from coatnet_scale.distributed.env import dist_env
-from coatnet_scale.ema import WeightEma, check_ema_supported
+from coatnet_scale.ema import BufferEma, ema_applied, whole_ema_weights
 from coatnet_scale.guard import NonFiniteError, StepGuard, gradient_norm
 from coatnet_scale.logging import RunLogger, ThroughputWindow, redact, rewind_metrics
 from coatnet_scale.losses import classification_loss
@@ -57,7 +57,7 @@ from coatnet_scale.stop import StopRequest
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RANK_LINES_SHOWN = 16  # larger jobs: a summary on the console, every rank in RUN/ranks.json
 
-__all__ = ["DTYPES", "NonFiniteError", "WeightEma", "check_ema_supported", "train"]
+__all__ = ["DTYPES", "NonFiniteError", "train"]
 
 
 def seed_weights(seed: int) -> None:
@@ -111,10 +111,11 @@ def loss_scale(engine) -> float | None:
 
 @torch.no_grad()
 def evaluate(engine, loader, normalizer: Normalizer) -> dict[str, float]:
-    """Top-1/top-5 over the validation shards, summed over ranks (each sample counted once)."""
+    """Top-1/top-5 and the mean cross-entropy over the validation shards, summed over ranks (each
+    sample counted once)."""
     device = engine.device
     engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct1, correct5, count
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, CE, count
     for batch in loader:
         logits = engine(normalizer(batch["image"].to(device, non_blocking=True))).float()
         labels = batch["label"].to(device, non_blocking=True)
@@ -123,25 +124,29 @@ def evaluate(engine, loader, normalizer: Normalizer) -> dict[str, float]:
         hit = top5 == labels[:, None]
         totals[0] += (hit[:, 0] & valid).sum()
         totals[1] += (hit.any(dim=1) & valid).sum()
-        totals[2] += valid.sum()
+        ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        totals[2] += (ce * valid).sum()
+        totals[3] += valid.sum()
     dist.all_reduce(totals)
     engine.train()
-    count = max(totals[2].item(), 1.0)
+    count = max(totals[3].item(), 1.0)
     return {
         "top1": totals[0].item() / count,
         "top5": totals[1].item() / count,
-        "samples": totals[2].item(),
+        "loss": totals[2].item() / count,
+        "samples": totals[3].item(),
     }
 
 
-def restore_ema(ema: WeightEma | None, ckpt: Path, notes: list[str]) -> None:
-    if ema is None:
+def restore_ema(stats_ema: BufferEma | None, ckpt: Path, notes: list[str]) -> None:
+    """The EMA of the BatchNorm statistics (the weights' EMA is loaded with the optimizer)."""
+    if stats_ema is None:
         return
     saved = checkpoint.read_ema(ckpt)
     if saved is None:
         notes.append("the checkpoint has no EMA weights: the EMA restarts from the current weights")
         return
-    ema.load(saved)
+    stats_ema.load(saved)
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -153,7 +158,6 @@ def train(cfg: Config) -> dict[str, float]:
     checkpoint; the result then has `stopped` = 1.
     """
     # ---- context ---------------------------------------------------------------------------
-    check_ema_supported(cfg)
     env = dist_env()
     binding = init_process_group(cfg, env)  # the rank's device first, then the process group
     run_dir = Path(cfg.train.run_dir)
@@ -240,9 +244,11 @@ def train(cfg: Config) -> dict[str, float]:
         checkpoint.load(engine, load_plan)
         train_loader.load_state_dict(saved.data)
     # after loading: an EMA the checkpoint lacks starts from the loaded weights, not the initial
-    ema = WeightEma(engine.module, cfg.train.ema_decay, device) if cfg.train.ema_decay > 0 else None
+    stats_ema = (
+        BufferEma(engine.module, cfg.train.ema_decay, device) if cfg.train.ema_decay > 0 else None
+    )
     if saved is not None and load_plan is not None:
-        restore_ema(ema, resume_from, notes)
+        restore_ema(stats_ema, resume_from, notes)
         start_step = saved.step
         guard.skipped, guard.loss_scale_skips = saved.skipped_steps, saved.loss_scale_skips
         if env.is_main:
@@ -291,7 +297,9 @@ def train(cfg: Config) -> dict[str, float]:
             engine,
             checkpoint_root(run_dir),
             state,
-            ema.shadow if ema is not None and env.is_main else None,
+            stats_ema.shadow | whole_ema_weights(engine)
+            if stats_ema is not None and env.is_main
+            else None,
             cfg.checkpoint.keep_last,
             cfg.checkpoint.keep_every,
             logger.message,
@@ -346,8 +354,8 @@ def train(cfg: Config) -> dict[str, float]:
             grad_norm = float(reported) if reported is not None else None
             applied = engine.was_step_applied()
             outcome = guard.observe(loss_value, grad_norm, applied, scale_before)
-            if outcome == "applied" and ema is not None:
-                ema.update(engine.module)
+            if outcome == "applied" and stats_ema is not None:
+                stats_ema.update(engine.module)
             elif outcome == "nonfinite":
                 logger.message(
                     f"step {step + 1}: non-finite loss {loss_value} or gradient norm {grad_norm}: "
@@ -392,13 +400,12 @@ def train(cfg: Config) -> dict[str, float]:
                 result = {
                     f"val_{k}": v for k, v in evaluate(engine, eval_loader, normalizer).items()
                 }
-                if ema is not None:
-                    ema.swap(engine.module)
-                    result |= {
-                        f"val_ema_{k}": v
-                        for k, v in evaluate(engine, eval_loader, normalizer).items()
-                    }
-                    ema.swap(engine.module)
+                if stats_ema is not None:
+                    with ema_applied(engine, stats_ema):
+                        result |= {
+                            f"val_ema_{k}": v
+                            for k, v in evaluate(engine, eval_loader, normalizer).items()
+                        }
                 result["eval_s"] = time.perf_counter() - eval_start
                 window.pause("eval", result["eval_s"])
                 logger.log(done, result)

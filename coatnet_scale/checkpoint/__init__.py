@@ -9,7 +9,9 @@ Layout of RUN/checkpoints/
         trainer_state.json        step, data position, counters, wandb run id, world size, the
                                   resolved config and its hash, the code version
         rng/rank00000.pt          each rank's RNG states (python, numpy, torch, accelerator)
-        ema.safetensors           the fp32 EMA weights (when EMA is on)
+        ema.safetensors           the fp32 EMA of the BatchNorm statistics (and of the weights
+                                  under ZeRO-0); the weights' EMA is optimizer state, in
+                                  DeepSpeed's files next to Adam's moments (when EMA is on)
         manifest.json             every file above with its size and SHA-256; written last
         universal/                DeepSpeed universal checkpoint, made on demand when a run
                                   resumes on another number of ranks
@@ -42,6 +44,7 @@ universal conversion, loading), `export` (consolidated weights, fine-tuning init
 line, `python -m coatnet_scale.checkpoint {list,verify,export}`, is in `__main__`.
 """
 
+from coatnet_scale.checkpoint.ema_files import partitioned_ema_weights, read_ema
 from coatnet_scale.checkpoint.export import (
     consolidated_state_dict,
     export,
@@ -76,7 +79,6 @@ from coatnet_scale.checkpoint.resume import (
     load,
     newest_valid,
     prepare_load,
-    read_ema,
     restore_rng,
 )
 from coatnet_scale.checkpoint.save import (
@@ -117,6 +119,7 @@ __all__ = [
     "load",
     "newest_valid",
     "point_latest",
+    "partitioned_ema_weights",
     "prepare_load",
     "publish",
     "read_ema",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from coatnet_scale.checkpoint.ema_files import partitioned_ema_weights, read_ema
 from coatnet_scale.checkpoint.layout import (
     EXPORT_CONFIG,
     MANIFEST,
@@ -16,7 +17,6 @@ from coatnet_scale.checkpoint.layout import (
     list_checkpoints,
     verify,
 )
-from coatnet_scale.checkpoint.resume import read_ema
 from coatnet_scale.checkpoint.state import TrainerState
 from coatnet_scale.files import atomic_write_text
 from coatnet_scale.models import EXPORT_WEIGHTS, read_state_dict
@@ -25,9 +25,9 @@ from coatnet_scale.models import EXPORT_WEIGHTS, read_state_dict
 def consolidated_state_dict(ckpt: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Full fp32 weights and buffers of a checkpoint of any ZeRO stage, in one process (DeepSpeed's
     zero_to_fp32 merges the partitions; ZeRO-0 keeps the module whole). With `use_ema`, the EMA
-    weights and BatchNorm statistics replace the trained ones (an EMA saved before it tracked
-    statistics replaces the weights only)."""
-    if any(ckpt.glob("*_optim_states.pt")):  # ZeRO 1-3: partitioned fp32 master weights
+    weights and BatchNorm statistics replace the trained ones (`checkpoint.ema_files`)."""
+    partitioned = any(ckpt.glob("*_optim_states.pt"))
+    if partitioned:  # ZeRO 1-3: partitioned fp32 master weights
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
@@ -43,6 +43,9 @@ def consolidated_state_dict(ckpt: Path, use_ema: bool = False) -> dict[str, torc
         ema = read_ema(ckpt)
         if ema is None:
             raise CheckpointError(f"{ckpt} has no EMA weights (train.ema_decay was 0)")
+        # the statistics (and ZeRO-0's weights); the partitioned weights from the optimizer
+        # files: before the EMA's first step there are none, and the weights are their own EMA
+        ema |= (partitioned_ema_weights(ckpt) or {}) if partitioned else {}
         state.update({k: v.float() for k, v in ema.items()})
     return state
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from coatnet_scale.checkpoint.ema_files import add_ema_to_universal, load_universal_ema_zero3
 from coatnet_scale.checkpoint.layout import (
-    EMA_FILE,
     MUST_MATCH,
     RNG_DIR,
     TMP_PREFIX,
@@ -191,6 +191,7 @@ def convert_to_universal(ckpt: Path) -> str | None:
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
         return f"converting {ckpt} to a universal checkpoint failed: " + " | ".join(tail)
+    add_ema_to_universal(ckpt, tmp)
     tmp.rename(ckpt / UNIVERSAL)
     fsync_dir(ckpt)
     return None
@@ -207,7 +208,9 @@ def load(engine, plan: LoadPlan) -> None:
       every step anyway);
     - it gives every group the same `step` tensor object, which AdamW increments in place once
       per group: after the resume the step count, and with it Adam's bias correction, ran ahead
-      (3 steps later a 2-group run was at step 9, not 6). Each state gets its own copy.
+      (3 steps later a 2-group run was at step 9, not 6). Each state gets its own copy;
+    - it reads the moments only: the EMA of the weights is loaded the same way
+      (`load_universal_ema_zero3`). ZeRO 1/2 load every optimizer-state file of a parameter.
     """
     groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     path, _ = engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_module_strict=True)
@@ -220,6 +223,8 @@ def load(engine, plan: LoadPlan) -> None:
         for state in getattr(inner, "state", {}).values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
+        if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            load_universal_ema_zero3(engine, plan.load_dir / plan.tag)
 
 
 def restore_rng(ckpt: Path, rank: int, same_world: bool) -> bool:
@@ -230,11 +235,3 @@ def restore_rng(ckpt: Path, rank: int, same_world: bool) -> bool:
         return False
     set_rng_state(torch.load(path, weights_only=True))
     return True
-
-
-def read_ema(ckpt: Path) -> dict[str, torch.Tensor] | None:
-    if not (ckpt / EMA_FILE).is_file():
-        return None
-    from safetensors.torch import load_file
-
-    return load_file(str(ckpt / EMA_FILE))

@@ -25,7 +25,7 @@ from coatnet_scale.distributed.device import DeviceBinding, bind_device, configu
 from coatnet_scale.distributed.env import DistEnv
 from coatnet_scale.models import CoAtNet, ModelConfig, adapt_state_dict, build_model
 from coatnet_scale.models.layers import fp32_batchnorm_statistics, init_module_
-from coatnet_scale.optim import build_optimizer, param_groups
+from coatnet_scale.optim import build_optimizer
 
 STEPS_PER_PRINT = 10**9  # we log ourselves; silence DeepSpeed's own step printing
 
@@ -175,20 +175,9 @@ def apply_activation_checkpointing(model: CoAtNet, stages: tuple[str, ...]) -> N
 def build_engine(model: CoAtNet, cfg: Config, ds_config: dict):
     """Wrap the model: checkpointing policy, optional compile, then deepspeed.initialize."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing.checkpointed_stages())
-    if cfg.zero.offload_optimizer == "cpu":
-        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam (AdamW
-        # mode), since it refuses a torch optimizer there (ZeRORuntimeException).
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(
-            param_groups(model, cfg.optim.weight_decay),
-            lr=cfg.optim.lr,
-            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
-            eps=cfg.optim.eps,
-            adamw_mode=True,
-        )
-    else:
-        optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(
+        model, cfg.optim, cfg.train.ema_decay, offload=cfg.zero.offload_optimizer == "cpu"
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     fp32_batchnorm_statistics(engine.module)  # before compile: see the function
     if cfg.train.compile:

@@ -31,8 +31,14 @@ STEPS = 6
 # Mixup, stochastic depth and EMA on: the exact-resume comparison covers every random stream.
 RANDOM = ["data.mixup_alpha=0.8", "model.drop_path_rate=0.2", "train.ema_decay=0.9"]
 # No run-level randomness that depends on the rank layout: runs on different world sizes see the
-# same micro-batches (micro-batch 2 everywhere), so their losses must agree.
-PLAIN = ["data.mixup_alpha=0.0", "model.drop_path_rate=0.0", "checkpoint.every_steps=3"]
+# same micro-batches (micro-batch 2 everywhere), so their losses must agree. EMA on: it must
+# survive every resume, also re-partitioned for another world size.
+PLAIN = [
+    "data.mixup_alpha=0.0",
+    "model.drop_path_rate=0.0",
+    "checkpoint.every_steps=3",
+    "train.ema_decay=0.9",
+]
 FINETUNE = [
     *PLAIN,
     "model.image_size=64",

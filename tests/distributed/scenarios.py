@@ -49,12 +49,22 @@ SCENARIOS = {
     },
     "offload": ["zero.stage=2", "zero.offload_optimizer=cpu"],
     "offload3": ["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"],
-    "ema": [
-        "zero.stage=1",
-        "train.ema_decay=0.9",
-        "checkpoint.every_steps=1",
-        "checkpoint.keep_last=5",
-    ],
+    # EMA (decay 0.9): ZeRO-2 and ZeRO-3 on the same run; ZeRO-3 bf16 (the EMA of the fp32
+    # master weights); a checkpoint after every step for the tests' own averages
+    **{
+        name: [
+            f"zero.stage={stage}",
+            f"precision.dtype={dtype}",
+            "train.ema_decay=0.9",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=5",
+        ]
+        for name, stage, dtype in (
+            ("ema", 2, "fp32"),
+            ("ema_z3", 3, "fp32"),
+            ("ema_bf16", 3, "bf16"),
+        )
+    },
     "compile": ["zero.stage=2", "train.compile=true"],
     # 3 steps without EMA, then the same run resumed with EMA for a 4th step
     "ema_late_a": ["zero.stage=1", "train.total_steps=3"],

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 import coatnet_scale.train as training
 from coatnet_scale.cli import config_parser, parse_config_args
-from coatnet_scale.ema import WeightEma
+from coatnet_scale.ema import BufferEma
 from tests.distributed.scenarios import debug_run
 
 GIB = 2**30
@@ -135,14 +135,14 @@ def main() -> None:
 
     training.build_engine = build_engine
 
-    original_load = WeightEma.load
+    original_load = BufferEma.load
 
     def load(self, saved):
         before = sum(mode.requested.values())
         original_load(self, saved)
         report["ema_load_requests"].append([sum(mode.requested.values()) - before, len(saved)])
 
-    WeightEma.load = load
+    BufferEma.load = load
 
     micro_batches = 0
     for steps in (2, 3):  # the second run resumes the first from its step-2 checkpoint

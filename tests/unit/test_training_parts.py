@@ -208,23 +208,35 @@ def test_missing_training_data_is_a_clear_error(capsys) -> None:
     assert "data.train_shards" in capsys.readouterr().err
 
 
-def test_weight_ema_tracks_and_swaps() -> None:
-    from coatnet_scale.ema import WeightEma, check_ema_supported
+def test_the_optimizer_keeps_the_ema_of_what_it_steps() -> None:
+    """The EMA starts at the weights before the first step, follows each applied step, and
+    ignores a skipped (non-finite) one; it lives in the optimizer state next to the moments."""
+    from coatnet_scale.optim import EMA_KEY, GuardedAdamW
 
-    model = torch.nn.Linear(3, 2)
-    ema = WeightEma(model, decay=0.5, device=torch.device("cpu"))
-    start = model.weight.detach().clone()
-    with torch.no_grad():
-        model.weight.add_(2.0)
-    ema.update(model)
-    torch.testing.assert_close(ema.shadow["weight"], start + 1.0)
-    ema.swap(model)
-    torch.testing.assert_close(model.weight.detach(), start + 1.0)
-    ema.swap(model)
-    torch.testing.assert_close(model.weight.detach(), start + 2.0)
-    # BatchNorm statistics are averaged and swapped with the weights
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = GuardedAdamW([weight], lr=0.1)
+    optimizer.ema_decay = 0.75
+    expected = weight.detach().clone()
+    for grad in ([1.0, 1.0], [0.5, -1.0], [float("nan"), 0.0], [-1.0, 2.0]):
+        weight.grad = torch.tensor(grad)
+        optimizer.step()
+        if torch.isfinite(weight.grad).all():
+            expected += 0.25 * (weight.detach() - expected)
+        torch.testing.assert_close(optimizer.state[weight][EMA_KEY], expected)
+    assert optimizer.state[weight].keys() == {"step", "exp_avg", "exp_avg_sq", EMA_KEY}
+    assert float(optimizer.state[weight]["step"]) == 3.0
+    # off: no EMA state at all
+    plain = GuardedAdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    plain.param_groups[0]["params"][0].grad = torch.ones(2)
+    plain.step()
+    assert all(EMA_KEY not in state for state in plain.state.values())
+
+
+def test_buffer_ema_tracks_and_swaps_the_batchnorm_statistics() -> None:
+    from coatnet_scale.ema import BufferEma
+
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
-    ema = WeightEma(net, decay=0.5, device=torch.device("cpu"))
+    ema = BufferEma(net, decay=0.5, device=torch.device("cpu"))
     assert "1.running_mean" in ema.shadow and "1.num_batches_tracked" not in ema.shadow
     net(torch.randn(8, 3, 4, 4) + 3.0)  # moves the running mean
     moved = net[1].running_mean.clone()
@@ -234,9 +246,6 @@ def test_weight_ema_tracks_and_swaps() -> None:
     torch.testing.assert_close(net[1].running_mean, moved / 2)
     ema.swap(net)
     torch.testing.assert_close(net[1].running_mean, moved)
-    check_ema_supported(load_config(overrides=["train.ema_decay=0.9999", "zero.stage=2"]))
-    with pytest.raises(ValueError, match="zero.stage <= 2"):
-        check_ema_supported(load_config(overrides=["train.ema_decay=0.9999", "zero.stage=3"]))
 
 
 def test_fp16_calibration_skips_are_counted_apart_and_never_stop_the_run() -> None:
