@@ -613,3 +613,19 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
                 f"{key} ({_type_name(hints[f.name])}; default {default!r}): {field_doc(f)}"
             )
     return lines
+
+
+def fp32_gradient_accumulation(dtype: str, zero_stage: int) -> bool:
+    """Whether bf16 gradients accumulate over micro-batches in fp32: wherever DeepSpeed 0.19
+    allows it, which is under ZeRO. bench/grad_accum.py measures what bf16 accumulation costs
+    (README, "Gradient accumulation precision"). The DeepSpeed config (`distributed/engine.py`) and
+    the memory planner (`plan/memory.py`) both follow this rule.
+
+    - ZeRO-0: no. DeepSpeed refuses bf16 weights with fp32 accumulation without ZeRO ("unsupported
+      mix", engine `_do_optimizer_sanity_check`): gradients accumulate in bf16 `param.grad`.
+    - ZeRO-1: DeepSpeed then runs its BF16_Optimizer instead of the ZeRO-1 optimizer: a full
+      fp32 gradient buffer on every rank (4 bytes per parameter instead of 2), partitioned fp32
+      master weights and moments as before (checkpoint files `bf16_zero_pp_rank_*`).
+    - ZeRO-2/3: the same optimizer; the reduced gradient partitions accumulate in fp32 buffers.
+    fp16 keeps DeepSpeed's default (fp16 accumulation under the loss scale)."""
+    return dtype == "bf16" and zero_stage >= 1

@@ -9,6 +9,10 @@ gradient partition; ZeRO-3 18Ψ/N + 4 x largest layer) and came out 15-20% above
 In fp32 (the CPU case) DeepSpeed keeps a separate fp32 master partition next to the fp32 model
 (`single_partition_of_fp32_groups` in stage_1_and_2.py), so ZeRO-1 is 8Ψ + 12Ψ/N, ZeRO-2
 4Ψ + 16Ψ/N, ZeRO-3 20Ψ/N; a plain torch AdamW step (ZeRO-0) keeps 16Ψ.
+bf16 runs accumulate gradients in fp32 under ZeRO (`config.fp32_gradient_accumulation`), which
+adds 2Ψ to ZeRO-1 (DeepSpeed's BF16_Optimizer keeps a full fp32 gradient buffer: 6Ψ + 12Ψ/N) and
+2Ψ/N to ZeRO-2 and 3 (fp32 gradient partitions: 2Ψ + 16Ψ/N, 18Ψ/N); the measurements above were
+taken with bf16 accumulation, before that choice.
 Gradient-reduction buckets and ZeRO-3's gathered parameters are working buffers, counted apart
 (`plan.buffer_bytes`).
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from coatnet_scale.config import fp32_gradient_accumulation
 from coatnet_scale.models.footprint import FP32, UnitFootprint
 
 # Backward working set of one unit, in multiples of its largest tensor (measured on CPU: MBConv
@@ -53,8 +58,9 @@ def model_states(
     """ZeRO's per-rank model states for AdamW; see the module docstring for the formulas."""
     if dtype == "fp32":
         p_bytes, g_bytes, o_bytes = 4, 4, 8 if zero_stage == 0 else 12
-    else:
-        p_bytes, g_bytes, o_bytes = 2, 2, 12
+    else:  # gradients in fp32 where bf16 accumulates in fp32 (ZeRO 1-3)
+        p_bytes, o_bytes = 2, 12
+        g_bytes = 4 if fp32_gradient_accumulation(dtype, zero_stage) else 2
     n = world
     p = params * p_bytes / (n if zero_stage >= 3 else 1)
     g = params * g_bytes / (n if zero_stage >= 2 else 1)

@@ -169,10 +169,39 @@ def record_weight_decay_groups(out: Path, data: str) -> None:
         (out / "wd_groups.json").write_text(json.dumps(groups))
 
 
+def record_gradient_accumulation(out: Path, data: str) -> None:
+    """Where DeepSpeed accumulates bf16 gradients over micro-batches, for ZeRO 0-3 as we
+    configure it: the wrapper it chose and the dtype of the buffer the gradients add up in,
+    after the backward of one micro-batch."""
+    found = {}
+    for stage in (0, 1, 2, 3):
+        overrides = [*debug_run(data, out / "accum", 1, 4), f"zero.stage={stage}"]
+        overrides.append("precision.dtype=bf16")
+        cfg, _ = parse_config_args(["--model", "coatnet_debug", *overrides], config_parser("t"))
+        device = init_process_group(cfg, dist_env()).device
+        ds_config = to_deepspeed_config(cfg, dist.get_world_size())
+        model = build_sharded_model(cfg.model, stage, ds_config, device)
+        engine = training.build_engine(model, cfg, ds_config)
+        images = torch.randn(4, 3, 32, 32, dtype=torch.bfloat16, device=device)
+        engine.backward(engine(images).float().logsumexp(dim=1).mean())
+        optimizer = engine.optimizer
+        if hasattr(optimizer, "fp32_groups_gradients_flat"):  # BF16_Optimizer
+            dtype = optimizer.fp32_groups_gradients_flat[0].dtype
+        elif hasattr(optimizer, "gradient_accumulation_dtype"):  # ZeRO 1-3
+            dtype = optimizer.gradient_accumulation_dtype
+        else:  # no ZeRO: the parameters' own .grad
+            dtype = next(p.grad for p in engine.module.parameters() if p.grad is not None).dtype
+        found[str(stage)] = {"optimizer": type(optimizer).__name__, "dtype": str(dtype)}
+        engine.destroy()
+    if dist.get_rank() == 0:
+        (out / "grad_accum.json").write_text(json.dumps(found))
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's flag
     out, names, data = Path(args[0]), args[1].split(","), args[2]
     record_weight_decay_groups(out, data)
+    record_gradient_accumulation(out, data)
     originals = (training.build_engine, training.classification_loss)
     for name in names:
         training.build_engine, training.classification_loss = originals  # undo earlier patches

@@ -72,6 +72,17 @@ def test_compile_works_with_activation_checkpointing(results: Path, name: str) -
     assert losses(results, name) == pytest.approx(losses(results, "zero0"), rel=1e-4)
 
 
+def test_bf16_gradients_accumulate_in_fp32_wherever_deepspeed_allows(results: Path) -> None:
+    """ZeRO 1-3 accumulate bf16 gradients in fp32 (ZeRO-1 through DeepSpeed's BF16_Optimizer);
+    without ZeRO DeepSpeed refuses the mix and they stay bf16 (README, "Gradient accumulation
+    precision")."""
+    found = json.loads((results / "grad_accum.json").read_text())
+    assert found["0"] == {"optimizer": "FP16_UnfusedOptimizer", "dtype": "torch.bfloat16"}
+    assert found["1"] == {"optimizer": "BF16_Optimizer", "dtype": "torch.float32"}
+    for stage, wrapper in (("2", "DeepSpeedZeroOptimizer"), ("3", "DeepSpeedZeroOptimizer_Stage3")):
+        assert found[stage] == {"optimizer": wrapper, "dtype": "torch.float32"}, stage
+
+
 def ema_state(results: Path, run: str, step: int) -> dict[str, torch.Tensor]:
     from coatnet_scale import checkpoint
 
