@@ -8,8 +8,8 @@ DeepSpeed holds the optimizer (`ema_layout`):
 - "whole": fp32 ZeRO-0, the engine steps our optimizer on the model's own parameters;
 - "copies": bf16/fp16 ZeRO-0 (DeepSpeed's FP16_UnfusedOptimizer): every rank steps a whole fp32
   copy of each parameter (`fp32_groups`, parallel to the model's `fp16_groups`);
-- "fragments": ZeRO-1/2 and bf16 ZeRO-0 (BF16_Optimizer): each rank steps one flat fp32
-  partition per parameter group, and a model parameter maps to a fragment of it
+- "fragments": ZeRO-1/2 (bf16 ZeRO-1 through DeepSpeed's BF16_Optimizer): each rank steps one
+  flat fp32 partition per parameter group, and a model parameter maps to a fragment of it
   (`param._hp_mapping`: where the fragment sits in the parameter and in the partition);
 - "zero3": each rank steps the flat fp32 partitions of its ZeRO-3 sub-groups; DeepSpeed's
   `safe_get_local_optimizer_state` reads a parameter's local part.
@@ -22,7 +22,7 @@ weights).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -89,6 +89,15 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def _master_copy(wrapper, param: torch.nn.Parameter) -> torch.Tensor:
+    """FP16_UnfusedOptimizer's fp32 copy of a model parameter."""
+    for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
+        for p, master in zip(low, high, strict=True):
+            if p is param:
+                return master
+    raise KeyError("the parameter is in no group of the optimizer")
+
+
 def ema_started(engine) -> bool:
     """Whether the weights' EMA exists yet (it starts at the first applied step). The same on
     every rank: every rank steps its partition of every group together."""
@@ -102,15 +111,10 @@ def full_ema(engine, param: torch.nn.Parameter) -> torch.Tensor:
     views of optimizer state go stale when a checkpoint load replaces the state tensors."""
     optimizer = _base_optimizer(engine)
     layout = ema_layout(engine)
-    if layout == "whole":
-        return optimizer.state[param][EMA_KEY]
-    if layout == "copies":
-        wrapper = engine.optimizer
-        for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
-            for p, master in zip(low, high, strict=True):
-                if p is param:
-                    return optimizer.state[master][EMA_KEY]
-        raise KeyError("the parameter is in no group of the optimizer")
+    if layout in ("whole", "copies"):
+        master = param if layout == "whole" else _master_copy(engine.optimizer, param)
+        # a parameter never stepped (no gradient yet) is its own EMA
+        return optimizer.state.get(master, {}).get(EMA_KEY, master.detach().float())
     full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
     mapping = param._hp_mapping
     if mapping is not None:
@@ -127,40 +131,30 @@ def ema_applied(engine, buffers: BufferEma) -> Iterator[None]:
     """The model holds the EMA weights and statistics inside the block, its own outside (all
     ranks; for evaluation). Before the EMA's first step the weights stand for their own EMA.
 
-    ZeRO-3: each rank writes its EMA partition into the parameter's partition (`ds_tensor`);
-    parameters DeepSpeed keeps gathered (persistent ones) are released first and gathered again
-    afterwards, as DeepSpeed does around an optimizer step, so the forward sees the EMA."""
+    One parameter at a time (no second copy of the model in fp32); the model's own weights are
+    kept aside in their own dtype (ZeRO-3: each rank's partitions only). ZeRO-3: each rank writes
+    its EMA partition into the parameter's partition (`ds_tensor`); parameters DeepSpeed keeps
+    gathered (persistent ones) are released first and gathered again afterwards, as DeepSpeed
+    does around an optimizer step, so the forward sees the EMA."""
     model = engine.module
-    layout = ema_layout(engine)
+    zero3 = ema_layout(engine) == "zero3"
     params = list(model.parameters())
     started = ema_started(engine)
     with torch.no_grad():
-        if layout == "zero3":
-            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
+        if zero3:
             held = [p.ds_tensor.detach().clone() for p in params]
-            gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
-
-            def put(values: list[torch.Tensor]) -> None:
-                now = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
-                if now:
-                    now[0].partition(param_list=now)
-                for p, value in zip(params, values, strict=True):
-                    p.ds_tensor.data.copy_(value)
-                if gathered:
-                    gathered[0].all_gather(param_list=gathered)
-
+            put = _zero3_put(params)
             if started:
-                put([safe_get_local_optimizer_state(p, EMA_KEY) for p in params])
+                put(lambda i, p: safe_get_local_optimizer_state(p, EMA_KEY))
         else:
             held = [p.detach().clone() for p in params]
 
-            def put(values: list[torch.Tensor]) -> None:
-                for p, value in zip(params, values, strict=True):
-                    p.copy_(value)
+            def put(value: Callable[[int, torch.nn.Parameter], torch.Tensor]) -> None:
+                for i, p in enumerate(params):
+                    p.copy_(value(i, p))
 
             if started:
-                put([full_ema(engine, p) for p in params])
+                put(lambda i, p: full_ema(engine, p))
         buffers.swap(model)
     try:
         yield
@@ -168,7 +162,26 @@ def ema_applied(engine, buffers: BufferEma) -> Iterator[None]:
         with torch.no_grad():
             buffers.swap(model)
             if started:
-                put(held)
+                put(lambda i, p: held[i])
+
+
+def _zero3_put(params: list[torch.nn.Parameter]):
+    """Writing ZeRO-3 partitions: release what is gathered, write each `ds_tensor`, gather again
+    what was gathered at the start (DeepSpeed's persistent parameters)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+
+    def put(value: Callable[[int, torch.nn.Parameter], torch.Tensor]) -> None:
+        now = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if now:
+            now[0].partition(param_list=now)
+        for i, p in enumerate(params):
+            p.ds_tensor.data.copy_(value(i, p))
+        if gathered:
+            gathered[0].all_gather(param_list=gathered)
+
+    return put
 
 
 def whole_ema_weights(engine) -> dict[str, torch.Tensor]:

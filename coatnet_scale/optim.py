@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from deepspeed.ops.adam import DeepSpeedCPUAdam
 from torch import nn
 
 from coatnet_scale.config import OptimConfig, ScheduleConfig
@@ -72,7 +71,7 @@ class MasterWeightEma:
             p: p.detach().to(torch.float32, copy=True)
             for group in self.param_groups
             for p in group["params"]
-            if EMA_KEY not in self.state.get(p, {})
+            if p.grad is not None and EMA_KEY not in self.state.get(p, {})
         }
 
     @torch.no_grad()
@@ -81,8 +80,11 @@ class MasterWeightEma:
             return
         for group in self.param_groups:
             for p in group["params"]:
-                state = self.state[p]
+                state = self.state.get(p)
+                if state is None or (EMA_KEY not in state and p not in starting):
+                    continue  # not stepped yet (no gradient): its weights are its own EMA
                 if EMA_KEY not in state:
+                    # after AdamW created its state (it initialises only an empty one)
                     state[EMA_KEY] = starting[p]
                 state[EMA_KEY].lerp_(p.detach().to(torch.float32), 1.0 - self.ema_decay)
 
@@ -113,32 +115,17 @@ class GuardedAdamW(MasterWeightEma, torch.optim.AdamW):
         return result
 
 
-class OffloadAdamW(MasterWeightEma, DeepSpeedCPUAdam):
-    """DeepSpeed's vectorised CPU Adam in AdamW mode, for ZeRO-Offload (DeepSpeed refuses a torch
-    optimizer there: ZeRORuntimeException), with the EMA of what it steps. DeepSpeed checks the
-    gradients before it calls this step."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        starting = self._ema_starting()
-        result = super().step(closure)
-        self._ema_update(starting)
-        return result
-
-
-def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, ema_decay: float = 0.0, offload: bool = False
-) -> torch.optim.Optimizer:
-    """AdamW over the two groups (`GuardedAdamW`, or `OffloadAdamW` when ZeRO-Offload steps it on
-    the CPU); DeepSpeed wraps it (its config says zero_allow_untested_optimizer)."""
-    groups = param_groups(model, cfg.weight_decay)
-    betas = (cfg.betas[0], cfg.betas[1])
-    if offload:
-        optimizer = OffloadAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adamw_mode=True)
-    else:
-        optimizer = GuardedAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    optimizer.ema_decay = ema_decay
-    return optimizer
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> GuardedAdamW:
+    """AdamW over the two groups; DeepSpeed wraps it (its config says
+    zero_allow_untested_optimizer). The EMA is off until the caller sets `ema_decay` (after
+    DeepSpeed's set-up). ZeRO-Offload needs DeepSpeed's CPU Adam instead
+    (`distributed.engine.OffloadAdamW`)."""
+    return GuardedAdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+    )
 
 
 def lr_at(step: int, peak: float, schedule: ScheduleConfig, total_steps: int) -> float:

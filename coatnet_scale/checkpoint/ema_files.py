@@ -30,51 +30,66 @@ def read_ema(ckpt: Path) -> dict[str, torch.Tensor] | None:
     return load_file(str(ckpt / EMA_FILE))
 
 
-def partitioned_ema_weights(ckpt: Path) -> dict[str, torch.Tensor] | None:
-    """The weights' EMA from a ZeRO 1-3 checkpoint's optimizer files, whole, by name; None when
-    they hold none (EMA off, or saved before its first step).
+def merged_partitions(ckpt: Path, key: str | None = None) -> dict[str, torch.Tensor] | None:
+    """Whole tensors by name from a ZeRO 1-3 checkpoint's optimizer files: the fp32 master weights
+    with the buffers (`key` None, what DeepSpeed's zero_to_fp32 returns), or the optimizer state
+    `key` of every trainable parameter (the EMA); None when the files hold no such state (EMA
+    off, or saved before its first step).
 
-    Each rank's file holds the EMA of its flat fp32 partitions, laid out exactly like the master
-    weights next to it; DeepSpeed's zero_to_fp32 merges those partitions into parameters, and is
-    given the EMA in their place. ZeRO 1/2 pad the partitions in the optimizer state but not the
-    saved master weights (`group_paddings`): the padding is cut first."""
+    Each rank's file holds its flat fp32 partitions and the optimizer state laid out like them;
+    zero_to_fp32's merge (`_get_fp32_state_dict_from_zero{2,3}_checkpoint`) is given either. Its
+    own file parser cannot read DeepSpeed's BF16_Optimizer files (bf16 ZeRO-1 with fp32
+    gradient accumulation: no `zero_stage` entry, padded partitions), so the files are read
+    here: ZeRO-1/2 and BF16 partitions are cut to their unpadded length (`group_paddings`; the
+    ZeRO-1/2 optimizer saves its master weights already cut, its state padded)."""
     from deepspeed.utils import zero_to_fp32
 
-    files = zero_to_fp32.get_optim_files(str(ckpt))
-    groups, stage, world, alignment = [], 0, 1, None
-    for path in files:
-        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        optim = saved["optimizer_state_dict"]
-        stage, world = optim["zero_stage"], optim["partition_count"]
+    per_rank, stage, world, alignment = [], 1, 1, None
+    for path in zero_to_fp32.get_optim_files(str(ckpt)):
+        optim = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        optim = optim["optimizer_state_dict"]
+        stage = int(optim.get("zero_stage", 1))  # BF16_Optimizer: ZeRO-1, and does not say so
+        world = optim["partition_count"]
         world = max(world) if isinstance(world, list) else world
         if stage <= 2:
+            masters = optim["single_partition_of_fp32_groups"]
             states = optim["base_optimizer_state"]["state"]
-            pads = optim["group_paddings"]
+            padded = "zero_stage" not in optim  # BF16_Optimizer keeps the padding in both
+            pads = [pad if padded else 0 for pad in optim["group_paddings"]]
             alignment = alignment or optim.get("param_alignment_paddings")
         else:
+            masters = optim["fp32_flat_groups"]
             states = optim["optimizer_state_dict"]["state"]
-            pads = [0] * len(states)
-        if any(EMA_KEY not in states[i] for i in states):
+            pads = [0] * len(masters)
+        lengths = [t.numel() - pad for t, pad in zip(masters, pads, strict=True)]
+        if key is None:
+            tensors = masters
+        elif all(key in states[i] for i in states) and states:
+            tensors = [states[i][key] for i in sorted(states)]
+        else:
             return None
-        groups.append(
-            [
-                states[i][EMA_KEY].narrow(0, 0, states[i][EMA_KEY].numel() - pad)
-                for i, pad in zip(sorted(states), pads, strict=True)
-            ]
-        )
-    if not groups:
+        per_rank.append([t.narrow(0, 0, n) for t, n in zip(tensors, lengths, strict=True)])
+    if not per_rank:
         return None
     model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(ckpt)))
     if stage <= 2:
         merged = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
-            world, groups, model_states, False, alignment
+            world, per_rank, model_states, False, alignment
         )
     else:
         merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(
-            world, groups, model_states, False
+            world, per_rank, model_states, False
         )
+    state = zero_to_fp32.to_torch_tensor(merged)
+    if key is None:
+        return state
     trainable = {name for shapes in model_states[0].param_shapes for name in shapes}
-    return {k: v for k, v in zero_to_fp32.to_torch_tensor(merged).items() if k in trainable}
+    return {k: v for k, v in state.items() if k in trainable}
+
+
+def partitioned_ema_weights(ckpt: Path) -> dict[str, torch.Tensor] | None:
+    """The weights' EMA from a ZeRO 1-3 checkpoint's optimizer files, whole, by name."""
+    return merged_partitions(ckpt, EMA_KEY)
 
 
 def add_ema_to_universal(ckpt: Path, universal: Path) -> None:

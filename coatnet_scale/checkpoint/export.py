@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from coatnet_scale.checkpoint.ema_files import partitioned_ema_weights, read_ema
+from coatnet_scale.checkpoint.ema_files import merged_partitions, partitioned_ema_weights, read_ema
 from coatnet_scale.checkpoint.layout import (
     EXPORT_CONFIG,
     MANIFEST,
@@ -28,9 +28,7 @@ def consolidated_state_dict(ckpt: Path, use_ema: bool = False) -> dict[str, torc
     weights and BatchNorm statistics replace the trained ones (`checkpoint.ema_files`)."""
     partitioned = any(ckpt.glob("*_optim_states.pt"))
     if partitioned:  # ZeRO 1-3: partitioned fp32 master weights
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        state = merged_partitions(ckpt)
     else:
         # ZeRO-0: the whole module is in the model-states file (which also holds non-tensor
         # engine state, hence weights_only=False: our own file, written by this run).

@@ -191,7 +191,10 @@ def convert_to_universal(ckpt: Path) -> str | None:
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
         return f"converting {ckpt} to a universal checkpoint failed: " + " | ".join(tail)
-    add_ema_to_universal(ckpt, tmp)
+    try:
+        add_ema_to_universal(ckpt, tmp)
+    except Exception as err:  # reported like the converter's own failures, on every rank
+        return f"adding the EMA to the universal checkpoint of {ckpt} failed: {err!r}"
     tmp.rename(ckpt / UNIVERSAL)
     fsync_dir(ckpt)
     return None

@@ -19,13 +19,14 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from coatnet_scale.config import Config, fp32_gradient_accumulation
 from coatnet_scale.distributed.device import DeviceBinding, bind_device, configure_cuda_math
 from coatnet_scale.distributed.env import DistEnv
 from coatnet_scale.models import CoAtNet, ModelConfig, adapt_state_dict, build_model
 from coatnet_scale.models.layers import fp32_batchnorm_statistics, init_module_
-from coatnet_scale.optim import build_optimizer
+from coatnet_scale.optim import MasterWeightEma, build_optimizer, param_groups
 
 STEPS_PER_PRINT = 10**9  # we log ourselves; silence DeepSpeed's own step printing
 
@@ -82,7 +83,13 @@ def to_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         # torch.optim.AdamW under ZeRO: DeepSpeed calls it "untested" but runs it (every stage
         # is exercised by the 2-rank tests).
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": precision.dtype == "bf16"},
+        # immediate_grad_update: ZeRO-1's BF16_Optimizer (fp32 accumulation) adds each bf16
+        # gradient to its fp32 buffer in the backward hook and frees it, instead of keeping both
+        # until the step (2 bytes per parameter more)
+        "bf16": {
+            "enabled": precision.dtype == "bf16",
+            "immediate_grad_update": fp32_gradient_accumulation(precision.dtype, cfg.zero.stage),
+        },
         "fp16": {
             "enabled": precision.dtype == "fp16",
             "loss_scale": 0,  # dynamic
@@ -175,13 +182,54 @@ def apply_activation_checkpointing(model: CoAtNet, stages: tuple[str, ...]) -> N
         model.set_grad_checkpointing(True, stages)
 
 
+class OffloadAdamW(MasterWeightEma, DeepSpeedCPUAdam):
+    """DeepSpeed's vectorised CPU Adam in AdamW mode, for ZeRO-Offload (DeepSpeed refuses a torch
+    optimizer there: ZeRORuntimeException), with the EMA of what it steps. DeepSpeed checks the
+    gradients before it calls this step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        starting = self._ema_starting()
+        result = super().step(closure)
+        self._ema_update(starting)
+        return result
+
+
+def discard_setup_step(engine, optimizer: torch.optim.Optimizer) -> None:
+    """Undo the optimizer step DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 without ZeRO) takes
+    while it is built (`initialize_optimizer_states`: zero gradients, then `optimizer.step()`).
+
+    That step decays the fp32 master copies once at the configured peak LR and leaves AdamW at
+    step 1 before training starts, so every later bias correction is one step ahead (the first
+    real update ~25% smaller than on the other stages). The masters are copied back from the
+    model's weights they were made from, and the optimizer state is dropped; AdamW creates it
+    again at the first real step, as on every other stage."""
+    wrapper = engine.optimizer
+    if not hasattr(wrapper, "fp32_groups") or not hasattr(wrapper, "fp16_groups"):
+        return
+    with torch.no_grad():
+        for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
+            for weight, master in zip(low, high, strict=True):
+                master.copy_(weight)
+    optimizer.state.clear()
+
+
 def build_engine(model: CoAtNet, cfg: Config, ds_config: dict):
     """Wrap the model: checkpointing policy, optional compile, then deepspeed.initialize."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing.checkpointed_stages())
-    optimizer = build_optimizer(
-        model, cfg.optim, cfg.train.ema_decay, offload=cfg.zero.offload_optimizer == "cpu"
-    )
+    if cfg.zero.offload_optimizer == "cpu":
+        optimizer = OffloadAdamW(
+            param_groups(model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+            eps=cfg.optim.eps,
+            adamw_mode=True,
+        )
+    else:
+        optimizer = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    discard_setup_step(engine, optimizer)
+    optimizer.ema_decay = cfg.train.ema_decay  # from the first training step on
     fp32_batchnorm_statistics(engine.module)  # before compile: see the function
     if cfg.train.compile:
         engine.compile()

@@ -63,6 +63,9 @@ SCENARIOS: dict[str, tuple[str, list[str], int | None]] = {
     "plain_z0": ("plain_z0", [*PLAIN, "zero.stage=0"], None),
     "plain_z1": ("plain_z1", [*PLAIN, "zero.stage=1"], None),
     "plain_z3": ("plain_z3", [*PLAIN, "zero.stage=3"], None),
+    # bf16 ZeRO-1: DeepSpeed's BF16_Optimizer (fp32 gradient accumulation) and its own files
+    "plain_z1_bf16": ("plain_z1_bf16", [*PLAIN, "zero.stage=1", "precision.dtype=bf16"], None),
+    "to1_z1_bf16": ("to1_z1_bf16", [*PLAIN, "zero.stage=1", "precision.dtype=bf16"], None),
     # Elastic resumes: pytest copies a 2-rank run folder cut back to its step-3 checkpoint.
     "to1": ("to1", PLAIN, None),
     "to1_z0": ("to1_z0", [*PLAIN, "zero.stage=0"], None),

@@ -246,6 +246,10 @@ def test_a_nonfinite_step_changes_nothing_on_any_stage_and_precision(
     assert not changed, changed[:5]
     moved = [k for k in step2 if not torch.equal(step2[k], step3[k])]
     assert moved  # the next step does update
+    # AdamW counted the 2 applied steps, on every stage (DeepSpeed's FP16_UnfusedOptimizer, bf16
+    # without ZeRO, takes a set-up step of its own that engine.discard_setup_step undoes)
+    counts = {float(v) for k, v in step3.items() if k.endswith("/step") and v.numel() == 1}
+    assert counts == {2.0}, counts
 
 
 def test_a_finite_run_never_skips(results: Path) -> None:
