@@ -3,8 +3,8 @@
 Precedence, lowest first: dataclass defaults, the model's recipe `configs/<model>.yaml` (when a
 model is named), the user's YAML files in order, then `section.key=value` overrides. Unknown keys,
 wrong types and invalid values raise `ConfigError` with one line naming the dotted key and what is
-allowed, before any worker starts. Each component later receives only its own section
-(STYLE_ANCHORS recommendations 3, 5, 6); runtime facts (rank, world size, device) are never written
+allowed, before any worker starts. Each component later receives only its own section (as in
+torchtitan's and big_vision's configs); runtime facts (rank, world size, device) are never written
 back into the tree.
 
 The DeepSpeed JSON is generated from this tree (distributed/engine.py), never kept by hand.

@@ -2,7 +2,7 @@
 
 Each config field carries a one-line description in its dataclass metadata. The description is the
 `--help-config` text and the comment written next to the field when a config is dumped, so it is
-written once, next to the field it describes (STYLE_ANCHORS recommendation 3).
+written once, next to the field it describes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ progress bar with ETA on rank 0. Other ranks write nothing.
 wandb: `auto` is online when an API key is configured and the wandb host answers, offline
 otherwise. The run id is kept in RUN_DIR/wandb_run_id, so a resumed run continues the same wandb
 run (`resume="allow"`); every record carries an explicit, increasing `step` so resumed segments do
-not overlap (shared/ON_THIS_MACHINE.md; PRIOR_ART.md P5).
+not overlap (wandb drops records whose step goes backwards).
 
 Secrets: values of environment variables whose names look secret (KEY, TOKEN, SECRET, PASSWORD)
 are redacted from every string this module writes.

@@ -20,8 +20,8 @@ Layout of RUN/checkpoints/
                                   verifies, deleted otherwise, at the next start
     step00001100.damaged          failed verification at a resume; kept for inspection
 
-The commit protocol (PRIOR_ART P4: DeepSpeed writes `latest` before every rank has finished)
----------------------------------------------------------------------------------------------
+The commit protocol (DeepSpeed alone writes `latest` before every rank has finished writing)
+-------------------------------------------------------------------------------------------
 1. every rank writes its DeepSpeed shards and RNG state into `.tmp-stepN/` (DeepSpeed's own
    `latest` is switched off), rank 0 adds the trainer state and the EMA;
 2. barrier, then the ranks checksum (and fsync) the files between them, and rank 0 writes
@@ -34,7 +34,7 @@ always, checksums by default, the work spread over the ranks) and falls back to 
 with a warning, when the newest is damaged. A kill at any moment leaves either the previous state
 or a verifiable new checkpoint.
 
-Changing the number of ranks (PRIOR_ART P2) runs DeepSpeed's `ds_to_universal` on rank 0 into
+Changing the number of ranks runs DeepSpeed's `ds_to_universal` on rank 0 into
 `stepN/universal/` and loads that with `checkpoint.load_universal`; the data position, the EMA and
 the counters are world-size independent by construction.
 

@@ -25,7 +25,8 @@ LATEST = "latest"
 EXPORT_CONFIG = "config.json"
 STEP_DIR = re.compile(r"^step(\d{8,})$")
 TMP_PREFIX = ".tmp-"
-# DeepSpeed's ds_to_universal refuses checkpoints without this client state (ON_THIS_MACHINE.md).
+# DeepSpeed's ds_to_universal refuses checkpoints without this client state (its
+# `_check_for_required_state`: a checkpoint saved without it cannot be converted).
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 # Settings a checkpoint cannot be resumed under when they change: the network, the ZeRO layout
 # of the saved shards (DeepSpeed cannot load across stages), the precision of the saved optimizer

@@ -5,7 +5,7 @@ Order of wrapping (torchtitan's `parallelize_*` convention, written down once): 
 (under `deepspeed.zero.Init` for ZeRO-3, so no rank ever holds all weights) -> activation
 checkpointing policy -> optional `torch.compile` -> `deepspeed.initialize` with our AdamW groups.
 The DeepSpeed JSON is generated here from the config and saved in the run folder; nobody keeps one
-by hand (STYLE_ANCHORS recommendation 4).
+by hand (no setting is written twice).
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ Launchers and what they set:
   CLI accepts and ignores.
 - `srun` (one task per GPU): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_NTASKS_PER_NODE /
   SLURM_TASKS_PER_NODE, SLURM_JOB_NODELIST, SLURM_JOB_ID. DeepSpeed's `init_distributed` does not
-  read these (it falls back to MPI discovery, PRIOR_ART.md section 5), so they are mapped here, as
-  open_clip's and timm's `world_info_from_env` do. The master is the first host of the allocation
-  and the port is derived from the job id, so every task computes the same address alone.
+  read these (it falls back to MPI discovery, `deepspeed.comm.mpi_discovery`), so they are
+  mapped here, as open_clip's and timm's `world_info_from_env` do. The master is the first host
+  of the allocation and the port is derived from the job id, so every task computes the same
+  address alone.
 - nothing: a single process (rank 0 of 1).
 """
 

@@ -20,8 +20,7 @@ the job does when that step ends: finished, stopped on request (requeue), or fai
 
 The warning signal comes from `#SBATCH --signal=USR1@SECONDS` without `B:`, so SLURM sends it to
 the job steps (every training task), not to this process; this process ignores USR1 and SIGTERM
-and waits for srun, which forwards them to the tasks (PRIOR_ART P3: nobody handles the whole
-lifecycle; P13: DeepSpeed on SLURM).
+and waits for srun, which forwards them to the tasks.
 
 `python -m coatnet_scale.distributed.slurm --hostfile` prints a DeepSpeed hostfile for the
 allocation instead (the second way to launch, see launch/slurm/pretrain.sbatch).

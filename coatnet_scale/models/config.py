@@ -1,6 +1,6 @@
 """The CoAtNet variant table and the model's config section.
 
-A model size is data, not a subclass (STYLE_ANCHORS recommendation 8): every variant is one
+A model size is data, not a subclass (as timm's model configs do it): every variant is one
 `CoAtNetArch` row that can be read side by side with the paper's tables.
 
 Sources (see shared/COATNET_SPEC.md):

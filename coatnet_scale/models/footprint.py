@@ -1,7 +1,7 @@
 """What a training step keeps in memory per block, counted from the config alone (no tensors).
 
-No existing estimator covers activations of conv/attention hybrids (shared/PRIOR_ART.md section 4):
-DeepSpeed's estimators count model states only. This module lists, for every unit of the forward
+No existing estimator covers activations of conv/attention hybrids: DeepSpeed's estimators count
+model states only. This module lists, for every unit of the forward
 pass (stem, each block, head), the tensors autograd saves for the backward pass, tensor by tensor,
 following the code in `layers.py`:
 

@@ -8,9 +8,9 @@ the table and can write the choice as a config overlay for `launch/pretrain.py`.
 
 Sources of each figure: `models/footprint.py` (saved tensors per block, checked against CPU
 measurements), `plan/memory.py` (ZeRO formulas, the step's activation peak), `plan/cost.py`
-(roofline compute time, ZeRO communication), `plan/hardware.py` (device presets). This is the
-"vision-aware planner" of shared/PRIOR_ART.md ("go beyond" 8): DeepSpeed's estimators stop at
-model states, which for CoAtNet under ZeRO are the small part.
+(roofline compute time, ZeRO communication), `plan/hardware.py` (device presets). DeepSpeed's
+estimators stop at model states, which for CoAtNet under ZeRO are the small part; this planner
+counts the activations of a conv/attention hybrid too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A real two-node SLURM cluster on this one machine, for the tests (shared/LOCAL_SLURM.md).
+"""A real two-node SLURM cluster on this one machine, for the tests.
 
 `LocalCluster(workdir).start()` installs Debian's slurm-wlm and munge when they are missing,
 starts munged, one slurmctld and two slurmd daemons (nodes n1 and n2, one CPU and one stand-in
