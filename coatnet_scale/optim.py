@@ -2,8 +2,8 @@
 
 The model states which parameters must not be decayed (`model.no_weight_decay()`: norms, biases,
 relative-position tables); this module applies the policy (timm's `_optim_factory` split, kecam's
-+0.3% from excluding the tables, spec section 5). The schedule is a pure function of the step, so
-a resumed run needs no scheduler state beyond the step counter.
++0.3% from excluding the tables, docs/architecture.md section 2.8). The schedule is a pure
+function of the step, so a resumed run needs no scheduler state beyond the step counter.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Paper: Dai et al. 2021, arXiv:2106.04803v2, Table 3 (C-C-T-T layout), Appendix A.1 (blocks,
 downsampling Eq. (4)/(5), head) and A.2 (CoAtNet-5..7, the split S3 of CoAtNet-6/7). The variant
-table lives in `models/config.py`; shared/COATNET_SPEC.md documents every choice the paper leaves
+table lives in `models/config.py`; docs/architecture.md documents every choice the paper leaves
 open and where this implementation departs from it (the switches of `ModelConfig`).
 
 The model follows timm's conventions (forward_features / forward_head, reset_classifier,

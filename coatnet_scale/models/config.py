@@ -3,14 +3,14 @@
 A model size is data, not a subclass (as timm's model configs do it): every variant is one
 `CoAtNetArch` row that can be read side by side with the paper's tables.
 
-Sources (see shared/COATNET_SPEC.md):
+Sources (see docs/architecture.md):
 - CoAtNet-0..4: Table 3 of Dai et al. 2021 (arXiv:2106.04803v2), head size 32.
 - CoAtNet-5: Appendix A.2, Table 11, head size 64.
 - CoAtNet-6/7: Appendix A.2, Table 12, head size 128, with S3 split into an MBConv part followed
   by a Transformer part at the same 1/16 resolution.
 - The CoAtNet-6 S4 width: Table 12 prints D=2048, which gives 1.348B parameters instead of the
-  published 1.47B; D=3072 reproduces 1.47B (spec section 3.4, a suspected erratum). Table 12 as
-  printed is the default; `c6_s4_width=3072` selects the erratum reading.
+  published 1.47B; D=3072 reproduces 1.47B (docs/architecture.md section 3.4, a suspected
+  erratum). Table 12 as printed is the default; `c6_s4_width=3072` selects the erratum reading.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _split_s3(mb_depth: int, mb_width: int, tfm_depth: int, tfm_width: int) -> t
 
 
 ARCHS: dict[str, CoAtNetArch] = {
-    # Table 3. Published FLOPs are MACs (spec section 3.2).
+    # Table 3. Published FLOPs are MACs (docs/architecture.md section 3.2).
     "coatnet0": CoAtNetArch(64, (_c(2, 96), _c(3, 192), _t(5, 384), _t(2, 768)), 32, 25e6, 4.2e9),
     "coatnet1": CoAtNetArch(64, (_c(2, 96), _c(6, 192), _t(14, 384), _t(2, 768)), 32, 42e6, 8.4e9),
     "coatnet2": CoAtNetArch(
@@ -85,7 +85,7 @@ ARCHS: dict[str, CoAtNetArch] = {
         192, (_c(2, 256), _c(4, 512), _split_s3(8, 1024, 42, 2048), _t(2, 3072)), 128, 2.44e9
     ),
     # Not in the paper: the same block structure at toy widths, for fast tests. It has the split S3
-    # of CoAtNet-6/7 and a stem as wide as S1 (the pool-only shortcut of CoAtNet-2..6).
+    # of CoAtNet-6/7 and a stem as wide as S1 (the pool-only shortcut of CoAtNet-2, -3, -4 and -6).
     "coatnet_debug": CoAtNetArch(
         16, (_c(2, 16), _c(2, 32), _split_s3(1, 48, 2, 64), _t(2, 96)), 16
     ),

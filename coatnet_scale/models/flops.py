@@ -1,11 +1,11 @@
 """Analytic per-stage MAC counts of a CoAtNet, computed from the config alone (no tensors).
 
-The paper's "FLOPs" are multiply-accumulates (spec section 3.2: torch's FlopCounterMode gives 2x
-these numbers on timm's coatnet_0_224). Counted: convolutions, linear layers, the SE layers and the
-two attention matmuls (QK^T and AV), i.e. exactly the ops torch's FlopCounterMode counts. Not
-counted: norms, activations, pooling, softmax and the relative-bias add, which is why these counts
-come out 1-3.5% below the paper's (spec section 3.2). The planner, the MFU estimate and the
-memory footprint (`footprint.py`) build on this module.
+The paper's "FLOPs" are multiply-accumulates (docs/architecture.md section 3.2: torch's
+FlopCounterMode gives 2x these numbers on timm's coatnet_0_224). Counted: convolutions, linear
+layers, the SE layers and the two attention matmuls (QK^T and AV), i.e. exactly the ops torch's
+FlopCounterMode counts. Not counted: norms, activations, pooling, softmax and the relative-bias add,
+which is why these counts come out 1-3.5% below the paper's (docs/architecture.md section 3.2). The
+planner, the MFU estimate and the memory footprint (`footprint.py`) build on this module.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Paper: Dai et al., "CoAtNet: Marrying Convolution and Attention for All Data Sizes",
 arXiv:2106.04803v2 ([P]); details the paper leaves open follow the official MaxViT code ([MV]) as
-recommended in shared/COATNET_SPEC.md (section 2 and table 6).
+recommended in docs/architecture.md (sections 2 and 4).
 
 Layouts: convolutional blocks take and return NCHW tensors (optionally in channels_last memory);
 Transformer blocks take and return NHWC tensors, so LayerNorm and Linear run on the last dimension
@@ -239,8 +239,8 @@ class RelPosAttention(nn.Module):
     """Multi-head self-attention with a pre-softmax relative bias, on NHWC tokens [P Eq. (3)].
 
     q, k, v map D_in to heads * head_dim with heads = D_out / head_dim (the [MV] convention that
-    matches the published parameter counts, spec table 6 row 5); the output projection maps to
-    D_out.
+    matches the published parameter counts, docs/architecture.md section 4, row 5); the output
+    projection maps to D_out.
     The bias is passed to `scaled_dot_product_attention` as an additive mask that needs a
     gradient. Not every kernel returns one: cuDNN attention (which PyTorch may prefer on H100) and
     the flash kernels do not, which would either fail or leave the tables untrained. So the choice
@@ -280,7 +280,7 @@ class TransformerBlock(nn.Module):
     Regular: x + DropPath(Attn(LN(x))), then x + DropPath(FFN(LN(x))).
     Downsampling, Eq. (4): Proj(Pool(x)) + Attn(Pool(LN(x))), norm before pool [P A.1].
     Width change without pooling (first Transformer block of CoAtNet-6/7's S3): Proj(x) +
-    Attn(LN(x)) [spec section 2.5].
+    Attn(LN(x)) [docs/architecture.md section 2.5].
     """
 
     layout: Layout = "nhwc"
@@ -321,7 +321,7 @@ class ClassifierHead(nn.Module):
     """Global average pool, then either LN + Linear/tanh pre-logits + FC, or the paper's FC.
 
     [P A.1] describes GAP + FC only; [MV] and timm's paper-like configs add LN and a tanh pre-logits
-    layer, which the published parameter counts need (spec section 2.7).
+    layer, which the published parameter counts need (docs/architecture.md section 2.7).
     """
 
     def __init__(self, width: int, num_classes: int, prelogits: bool) -> None:

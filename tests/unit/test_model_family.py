@@ -9,7 +9,7 @@ import coatnet_scale  # noqa: F401  (registers the variants with timm)
 from coatnet_scale.models import ARCHS, ModelConfig, build_model
 from coatnet_scale.models.flops import stage_macs, total_macs
 
-# shared/COATNET_SPEC.md section 3.3: the reference design at 224 px, 1000 classes.
+# docs/architecture.md section 3.3: the reference design at 224 px, 1000 classes.
 REFERENCE_PARAMS = {
     "coatnet0": 25_036_820,
     "coatnet1": 42_225_776,
@@ -20,7 +20,7 @@ REFERENCE_PARAMS = {
     "coatnet6": 1_348_435_040,
     "coatnet7": 2_441_972_728,
 }
-# Spec section 3.3, per-stage breakdown (stem, S1, S2, S3, S4, head).
+# docs/architecture.md section 3.3, per-stage breakdown (stem, S1, S2, S3, S4, head).
 REFERENCE_STAGES = {
     "coatnet0": (38_720, 189_584, 1_084_752, 8_768_604, 13_594_032, 1_361_128),
     "coatnet6": (337_344, 760_032, 5_768_064, 46_665_216 + 1_187_931_960, 100_722_976, 6_249_448),
@@ -79,7 +79,7 @@ def test_coatnet6_erratum_switch() -> None:
     erratum = n_params(meta_model(name="coatnet6", c6_s4_width=3072))
     assert printed / paper - 1 < -0.05
     assert abs(erratum / paper - 1) <= 0.003
-    assert erratum == 1_471_125_232  # spec section 3.3
+    assert erratum == 1_471_125_232  # docs/architecture.md section 3.4
 
 
 @pytest.mark.parametrize("name", ["coatnet0", "coatnet1", "coatnet2", "coatnet3"])
