@@ -34,8 +34,8 @@ model-demo: $(STAMP)  ## the model family at a glance and one training step
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest tests
 
-test-fast: $(STAMP)  ## the edit loop: single-process tests only (no DeepSpeed ranks, no SLURM)
-	$(PY) -m pytest tests/unit tests/data
+test-fast: $(STAMP)  ## the edit loop: single-process tests only (no ranks, no SLURM, nothing slow)
+	$(PY) -m pytest -m "not distributed and not slurm and not slow" tests
 
 gpu-check: $(STAMP)  ## on a machine with NVIDIA GPUs: every GPU-dependent check, one report
 	$(PY) bench/gpu_check.py --out runs/gpu_check

@@ -4,6 +4,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +13,8 @@ from coatnet_scale.data.pipeline import BatchPlan, TrainLoader
 from coatnet_scale.data.shards import load_manifest
 from coatnet_scale.data.transforms import TrainAugment
 from tests.data.conftest import shard_set
+
+pytestmark = pytest.mark.distributed
 
 STEPS, GLOBAL, MICRO = 9, 8, 2
 

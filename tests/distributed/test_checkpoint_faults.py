@@ -22,6 +22,8 @@ from coatnet_scale import checkpoint
 from tests.data.conftest import shard_set
 from tests.distributed.test_training_2ranks import BIN, REPO
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 ROUNDS = 6
 SEED = 20261121
 

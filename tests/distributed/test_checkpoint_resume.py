@@ -22,6 +22,8 @@ from coatnet_scale.models.layers import resize_rel_pos_table
 from tests.data.conftest import debug_data
 from tests.distributed.test_training_2ranks import BIN, launch
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 6
 STEP3, STEP6 = checkpoint.step_name(3), checkpoint.step_name(6)
 # bf16 2->1: measured 2.8e-4 (losses) and 5e-3 of the update size (weights; EMA 1e-3) on

@@ -14,6 +14,8 @@ import torch
 
 from tests.data.conftest import debug_data, shard_set
 
+pytestmark = pytest.mark.distributed
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 

@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.zero_memory import run
 
+pytestmark = pytest.mark.distributed
+
 
 def test_model_states_per_rank_match_zero_formulas() -> None:
     ranks = run("coatnet0", "bf16", 32)

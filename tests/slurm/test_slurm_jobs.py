@@ -26,6 +26,8 @@ from coatnet_scale import checkpoint
 from tests.data.conftest import shard_set
 from tests.slurm.cluster import LocalCluster, unavailable_reason
 
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 24
 
