@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from coatnet_scale.cli import config_parser, parse_config_args
 from coatnet_scale.config import Config
 from coatnet_scale.distributed.env import dist_env
+from coatnet_scale.preflight import setup_problems
 
 
 def plan_text(cfg: Config, world: int) -> str:
@@ -84,13 +85,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
                 print(f"config error: {err}", file=sys.stderr)
                 raise SystemExit(2) from None
         return None
-    if not cfg.data.train_shards:
-        print(
-            "config error: data.train_shards: no training data; set it to a shard manifest "
-            "(python -m data_tools.make_shards IMAGE_FOLDER OUT, or python -m "
-            "data_tools.make_demo for the demo digits)",
-            file=sys.stderr,
-        )
+    # Before the process group and before any file: every rank checks, rank 0 says what is wrong.
+    problems = setup_problems(cfg, env.world_size)
+    if problems:
+        if env.is_main:
+            print("\n".join(f"config error: {p}" for p in problems), file=sys.stderr)
         raise SystemExit(2)
     if cfg.distributed.device == "cpu":
         # DeepSpeed picks its accelerator when first asked (CUDA wherever torch sees a GPU):

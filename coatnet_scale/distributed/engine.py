@@ -27,6 +27,7 @@ from coatnet_scale.distributed.env import DistEnv
 from coatnet_scale.models import CoAtNet, ModelConfig, adapt_state_dict, build_model
 from coatnet_scale.models.layers import fp32_batchnorm_statistics, init_module_
 from coatnet_scale.optim import MasterWeightEma, build_optimizer, param_groups
+from coatnet_scale.preflight import gradient_accumulation
 
 STEPS_PER_PRINT = 10**9  # we log ourselves; silence DeepSpeed's own step printing
 
@@ -46,17 +47,6 @@ def init_process_group(cfg: Config, env: DistEnv) -> DeviceBinding:
         timeout=timedelta(minutes=cfg.distributed.timeout_minutes),
     )
     return binding
-
-
-def gradient_accumulation(cfg: Config, world_size: int) -> int:
-    """Micro-batches per rank per optimizer step, or a ValueError naming what to change."""
-    per_rank, rest = divmod(cfg.train.global_batch_size, world_size)
-    if rest or per_rank % cfg.train.micro_batch_size:
-        raise ValueError(
-            f"train.global_batch_size={cfg.train.global_batch_size} does not split into "
-            f"{world_size} ranks x train.micro_batch_size={cfg.train.micro_batch_size}"
-        )
-    return per_rank // cfg.train.micro_batch_size
 
 
 def to_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:

@@ -46,10 +46,19 @@ from coatnet_scale.checkpoint.layout import (
 from coatnet_scale.cli import config_parser, parse_config_args
 from coatnet_scale.config import Config, TrainConfig
 from coatnet_scale.distributed.env import expand_nodelist
+from coatnet_scale.preflight import setup_problems
 from coatnet_scale.stop import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"
+
+
+def allocation_tasks(env: Mapping[str, str]) -> int:
+    """The tasks srun will start (the world size): SLURM_NTASKS, else nodes x tasks per node."""
+    if "SLURM_NTASKS" in env:
+        return int(env["SLURM_NTASKS"])
+    per_node = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    return int(env.get("SLURM_JOB_NUM_NODES", "1")) * per_node
 
 
 def run_dir_override(cfg: Config, env: Mapping[str, str]) -> list[str]:
@@ -143,6 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     if "SLURM_JOB_ID" not in env:
         log("not inside a SLURM job: submit launch/slurm/pretrain.sbatch with sbatch")
+        return 2
+    problems = setup_problems(cfg, allocation_tasks(env))
+    if problems:  # exit 2 without srun: nothing to requeue, the job fails at once
+        for problem in problems:
+            log(f"config error: {problem}")
         return 2
     # SLURM's warning and preemption signals are for the tasks; this process waits for srun.
     for sig in (signal.SIGUSR1, signal.SIGTERM):

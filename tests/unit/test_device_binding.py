@@ -23,6 +23,7 @@ from coatnet_scale.distributed.device import (
     visible_device_index,
 )
 from coatnet_scale.distributed.env import dist_env, expand_nodelist, first_slurm_host
+from tests.data.conftest import shard_set
 
 
 @pytest.fixture
@@ -160,12 +161,13 @@ def test_a_node_list_nobody_can_expand_says_what_to_set(monkeypatch) -> None:
         expand_nodelist("rack[1-2]-n[01-04]")
 
 
-def test_the_entry_point_says_it_in_one_line(monkeypatch, capsys) -> None:
+def test_the_entry_point_says_it_in_one_line(monkeypatch, capsys, tmp_path) -> None:
     from launch.pretrain import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    shards = f"data.train_shards={shard_set(tmp_path, [4])}"
     with pytest.raises(SystemExit) as exit_:
-        main(["--model", "coatnet_debug", "data.train_shards=x.json", "distributed.device=cuda"])
+        main(["--model", "coatnet_debug", shards, "distributed.device=cuda"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("device error: distributed.device=cuda but torch cannot use CUDA")
@@ -196,7 +198,7 @@ def test_gpus_hidden_on_purpose_mean_the_cpu(monkeypatch) -> None:
     assert binding.device == torch.device("cpu")
 
 
-def test_cpu_on_purpose_hides_the_gpus_from_deepspeed_too(monkeypatch) -> None:
+def test_cpu_on_purpose_hides_the_gpus_from_deepspeed_too(monkeypatch, tmp_path) -> None:
     """DeepSpeed picks CUDA as its accelerator wherever torch sees a GPU; the entry point makes
     `distributed.device=cpu` its CPU accelerator before DeepSpeed is imported."""
     import coatnet_scale.train
@@ -212,7 +214,8 @@ def test_cpu_on_purpose_hides_the_gpus_from_deepspeed_too(monkeypatch) -> None:
         return {}
 
     monkeypatch.setattr(coatnet_scale.train, "train", fake_train)
-    main(["--model", "coatnet_debug", "data.train_shards=x.json", "distributed.device=cpu"])
+    shards = f"data.train_shards={shard_set(tmp_path, [4])}"
+    main(["--model", "coatnet_debug", shards, "distributed.device=cpu"])
     assert seen == {"DS_ACCELERATOR": "cpu", "device": "cpu", "CUDA_VISIBLE_DEVICES": ""}
 
 
