@@ -218,3 +218,58 @@ def test_print_config_emits_loadable_yaml(tmp_path: Path, capsys: pytest.Capture
     path = tmp_path / "printed.yaml"
     path.write_text(capsys.readouterr().out)
     assert load_config([path]) == load_config(model="coatnet7")
+
+
+IMAGENET_1K = 1_281_167
+# Table 10's fine-tuning columns: batch, mixup, RandAugment (n, m), image size; every column:
+# 30 epochs, constant LR 5e-5, weight decay 1e-8, EMA 0.9999, clip 1.0, softmax + smoothing 0.1.
+FINETUNE_COLUMNS = {
+    "finetune_384.yaml": (512, 0.8, (2, 15), 384),  # IN-1K FT
+    "finetune_512.yaml": (512, 0.8, (2, 15), 512),
+    "finetune_in21k_384.yaml": (1024, 0.0, (0, 15), 384),  # IN-21K FT (RandAugment off)
+    "finetune_jft_384.yaml": (512, 0.0, (2, 5), 384),  # JFT FT
+}
+
+
+def header_command(path: Path) -> list[str]:
+    """The `deepspeed ... launch/pretrain.py ARGS` command a config file's header shows."""
+    lines = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("deepspeed "))
+    command = []
+    for line in lines[start:]:
+        command += line.removesuffix("\\").split()
+        if not line.endswith("\\"):
+            break
+    return command[command.index("launch/pretrain.py") + 1 :]
+
+
+@pytest.mark.parametrize("name", sorted(FINETUNE_COLUMNS))
+def test_each_finetune_overlay_runs_its_table_10_column(name: str) -> None:
+    batch, mixup, (ra_n, ra_m), size = FINETUNE_COLUMNS[name]
+    cfg, _ = parse_config_args(header_command(CONFIGS_DIR / name), config_parser("t"))
+    assert cfg.train.global_batch_size == batch and cfg.model.image_size == size
+    assert cfg.train.total_steps == -(-30 * IMAGENET_1K // batch)  # 30 epochs, rounded up
+    assert cfg.data.mixup_alpha == mixup and cfg.data.cutmix_alpha == 0.0
+    assert (cfg.data.randaugment_n, cfg.data.randaugment_n and cfg.data.randaugment_m) == (
+        ra_n,
+        ra_n and ra_m,
+    )
+    assert (cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.decay) == (5e-5, 5e-5, "constant")
+    assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.train.ema_decay) == (1e-8, 1.0, 0.9999)
+    assert (cfg.train.loss, cfg.train.label_smoothing, cfg.model.num_classes) == (
+        "softmax",
+        0.1,
+        1000,
+    )
+    assert cfg.schedule.warmup_steps == 0 and cfg.checkpoint.init_from
+
+
+def test_the_jft_overlay_sets_finetuning_stochastic_depth() -> None:
+    """JFT fine-tuning has its own stochastic depth (C3/4/5: 0.1/0.3/0.2), unlike the other
+    columns, where one value spans pretraining and fine-tuning."""
+    cfg, _ = parse_config_args(
+        header_command(CONFIGS_DIR / "finetune_jft_384.yaml"), config_parser("t")
+    )
+    assert cfg.model.name == "coatnet5" and cfg.model.drop_path_rate == 0.2
+    pretraining = load_config(model="coatnet5")
+    assert pretraining.model.drop_path_rate == 0.0
