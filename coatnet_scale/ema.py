@@ -22,7 +22,7 @@ weights).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -89,41 +89,39 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
-def _master_copy(wrapper, param: torch.nn.Parameter) -> torch.Tensor:
-    """FP16_UnfusedOptimizer's fp32 copy of a model parameter."""
-    for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
-        for p, master in zip(low, high, strict=True):
-            if p is param:
-                return master
-    raise KeyError("the parameter is in no group of the optimizer")
-
-
 def ema_started(engine) -> bool:
     """Whether the weights' EMA exists yet (it starts at the first applied step). The same on
     every rank: every rank steps its partition of every group together."""
     return any(EMA_KEY in state for state in _base_optimizer(engine).state.values())
 
 
-def full_ema(engine, param: torch.nn.Parameter) -> torch.Tensor:
-    """The whole fp32 EMA of one parameter. A collective in the "fragments" layout: every rank
-    contributes its fragment (zeros elsewhere) to an all-reduce, as DeepSpeed's
-    `get_full_hp_param` does; the fragment is located afresh each call, since DeepSpeed's cached
-    views of optimizer state go stale when a checkpoint load replaces the state tensors."""
+def full_emas(engine) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each parameter's whole fp32 EMA by name, one at a time (not ZeRO-3). A collective in the
+    "fragments" layout, where all ranks iterate together: every rank contributes its fragment
+    (zeros elsewhere) to an all-reduce, as DeepSpeed's `get_full_hp_param` does; the fragment is
+    located afresh, since DeepSpeed's cached views of optimizer state go stale when a checkpoint
+    load replaces the state tensors. A parameter never stepped (no gradient yet) is its own EMA."""
     optimizer = _base_optimizer(engine)
     layout = ema_layout(engine)
-    if layout in ("whole", "copies"):
-        master = param if layout == "whole" else _master_copy(engine.optimizer, param)
-        # a parameter never stepped (no gradient yet) is its own EMA
-        return optimizer.state.get(master, {}).get(EMA_KEY, master.detach().float())
-    full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
-    mapping = param._hp_mapping
-    if mapping is not None:
-        flat = optimizer.param_groups[mapping.param_group_index]["params"][0]
-        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-        fragment = optimizer.state[flat][EMA_KEY].narrow(0, hp.start, hp.numel)
-        full.narrow(0, lp.start, lp.numel).copy_(fragment)
-    dist.all_reduce(full, group=param._dp_group)
-    return full.view_as(param)
+    masters = {}
+    if layout == "copies":
+        wrapper = engine.optimizer
+        for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
+            masters.update({id(p): master for p, master in zip(low, high, strict=True)})
+    for name, param in engine.module.named_parameters():
+        if layout != "fragments":
+            master = masters.get(id(param), param)
+            yield name, optimizer.state.get(master, {}).get(EMA_KEY, master.detach().float())
+            continue
+        full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+        mapping = param._hp_mapping
+        if mapping is not None:
+            flat = optimizer.param_groups[mapping.param_group_index]["params"][0]
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            fragment = optimizer.state[flat][EMA_KEY].narrow(0, hp.start, hp.numel)
+            full.narrow(0, lp.start, lp.numel).copy_(fragment)
+        dist.all_reduce(full, group=param._dp_group)
+        yield name, full.view_as(param)
 
 
 @contextmanager
@@ -143,18 +141,18 @@ def ema_applied(engine, buffers: BufferEma) -> Iterator[None]:
     with torch.no_grad():
         if zero3:
             held = [p.ds_tensor.detach().clone() for p in params]
-            put = _zero3_put(params)
+            write = _zero3_writer(params)
             if started:
-                put(lambda i, p: safe_get_local_optimizer_state(p, EMA_KEY))
+                write(safe_get_local_optimizer_state(p, EMA_KEY) for p in params)
         else:
             held = [p.detach().clone() for p in params]
 
-            def put(value: Callable[[int, torch.nn.Parameter], torch.Tensor]) -> None:
-                for i, p in enumerate(params):
-                    p.copy_(value(i, p))
+            def write(values: Iterable[torch.Tensor]) -> None:
+                for p, value in zip(params, values, strict=True):
+                    p.copy_(value)
 
             if started:
-                put(lambda i, p: full_ema(engine, p))
+                write(ema for _, ema in full_emas(engine))
         buffers.swap(model)
     try:
         yield
@@ -162,26 +160,26 @@ def ema_applied(engine, buffers: BufferEma) -> Iterator[None]:
         with torch.no_grad():
             buffers.swap(model)
             if started:
-                put(lambda i, p: held[i])
+                write(held)
 
 
-def _zero3_put(params: list[torch.nn.Parameter]):
+def _zero3_writer(params: list[torch.nn.Parameter]) -> Callable[[Iterable[torch.Tensor]], None]:
     """Writing ZeRO-3 partitions: release what is gathered, write each `ds_tensor`, gather again
     what was gathered at the start (DeepSpeed's persistent parameters)."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
 
-    def put(value: Callable[[int, torch.nn.Parameter], torch.Tensor]) -> None:
+    def write(values: Iterable[torch.Tensor]) -> None:
         now = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
         if now:
             now[0].partition(param_list=now)
-        for i, p in enumerate(params):
-            p.ds_tensor.data.copy_(value(i, p))
+        for p, value in zip(params, values, strict=True):
+            p.ds_tensor.data.copy_(value)
         if gathered:
             gathered[0].all_gather(param_list=gathered)
 
-    return put
+    return write
 
 
 def whole_ema_weights(engine) -> dict[str, torch.Tensor]:
@@ -190,4 +188,4 @@ def whole_ema_weights(engine) -> dict[str, torch.Tensor]:
     optimizer files hold them."""
     if ema_layout(engine) not in ("whole", "copies") or not ema_started(engine):
         return {}
-    return {n: full_ema(engine, p) for n, p in engine.module.named_parameters()}
+    return dict(full_emas(engine))

@@ -12,21 +12,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import braceexpand
-
 from coatnet_scale.config import Config
-from coatnet_scale.data.shards import load_manifest
+from coatnet_scale.data.order import BatchPlan
+from coatnet_scale.data.shards import load_manifest, pattern_files
 
 
 def gradient_accumulation(cfg: Config, world_size: int) -> int:
-    """Micro-batches per rank per optimizer step, or a ValueError naming what to change."""
-    per_rank, rest = divmod(cfg.train.global_batch_size, world_size)
-    if rest or per_rank % cfg.train.micro_batch_size:
+    """Micro-batches per rank per optimizer step (the loader's `BatchPlan` rule), or a ValueError
+    naming the config keys to change."""
+    train = cfg.train
+    try:
+        return BatchPlan(
+            train.global_batch_size, train.micro_batch_size, 0, world_size
+        ).accumulation
+    except ValueError:
         raise ValueError(
-            f"train.global_batch_size={cfg.train.global_batch_size} does not split into "
-            f"{world_size} ranks x train.micro_batch_size={cfg.train.micro_batch_size}"
-        )
-    return per_rank // cfg.train.micro_batch_size
+            f"train.global_batch_size={train.global_batch_size} does not split into "
+            f"{world_size} ranks x train.micro_batch_size={train.micro_batch_size}"
+        ) from None
 
 
 def shard_source_problem(key: str, spec: str) -> str | None:
@@ -50,8 +53,7 @@ def shard_source_problem(key: str, spec: str) -> str | None:
         if not first.is_file():
             return f"{key}={spec}: its shard {first} does not exist (moved without its shards?)"
         return None
-    paths = list(braceexpand.braceexpand(spec))
-    missing = [p for p in paths if not Path(p).is_file()]
+    paths, missing = pattern_files(spec)
     if missing:
         return (
             f"{key}={spec}: {len(missing)} of {len(paths)} shard(s) do not exist, e.g. {missing[0]}"

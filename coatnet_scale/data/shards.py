@@ -141,8 +141,7 @@ def resolve_shards(spec: str) -> Manifest:
     """
     if spec.endswith(".json"):
         return load_manifest(spec)
-    paths = list(braceexpand.braceexpand(spec))
-    missing = [p for p in paths if not Path(p).is_file()]
+    paths, missing = pattern_files(spec)
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} shard(s) of {spec} do not exist, e.g. {missing[0]}"
@@ -151,6 +150,12 @@ def resolve_shards(spec: str) -> Manifest:
         ShardInfo(str(Path(p).resolve()), len(TarIndex(p)), Path(p).stat().st_size) for p in paths
     )
     return Manifest(Path(paths[0]).stem.rsplit("-", 1)[0], shards, (), spec)
+
+
+def pattern_files(spec: str) -> tuple[list[str], list[str]]:
+    """The files a brace pattern names, and those of them that do not exist."""
+    paths = list(braceexpand.braceexpand(spec))
+    return paths, [p for p in paths if not Path(p).is_file()]
 
 
 def split_key(member_name: str) -> tuple[str, str]:
