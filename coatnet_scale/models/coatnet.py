@@ -157,7 +157,7 @@ class CoAtNet(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter and buffer ([MV]: N(0, 0.02) weights, zero biases)."""
+        """Initialise every parameter and buffer (`init_module_`: timm's default for CoAtNet)."""
         for module in self.modules():
             init_module_(module)
 

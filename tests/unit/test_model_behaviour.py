@@ -2,6 +2,7 @@
 
 import ast
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,40 @@ def test_low_precision_parameters_get_the_rounded_fp32_initialisation() -> None:
         low = torch.nn.Linear(64, 32).to(dtype)
         init_module_(low)
         assert torch.equal(low.weight, reference.weight.detach().to(dtype))
+
+
+def test_initialisation_is_timms_for_coatnet() -> None:
+    """Convolutions He fan-out per group (a depthwise 3x3 at sqrt(2/9), not 0.02: the old
+    N(0, 0.02) everywhere kept CoAtNet-0 at chance for ~50 steps on the digits,
+    bench/init_plateau.py), Transformer linears Xavier uniform, head and tables N(0, 0.02), and
+    the same for a conv or linear built in bf16 (ZeRO-3)."""
+    torch.manual_seed(0)
+    model = create_model("coatnet0", image_size=224)
+    block = model.stages[1][1]  # a regular MBConv block of S2
+    assert block.conv_dw.groups == block.conv_dw.out_channels  # depthwise
+    expected = {
+        block.conv_dw.weight: math.sqrt(2 / 9),
+        block.conv_expand.weight: math.sqrt(2 / block.conv_expand.out_channels),
+        model.stem.conv1.weight: math.sqrt(2 / (9 * model.stem.conv1.out_channels)),
+        model.head.fc.weight: 0.02,
+        model.head.pre_logits[0].weight: 0.02,
+    }
+    attn = model.stages[2][1].attn  # S3, a 14x14 grid: 27x27 table entries per head
+    fan_in, fan_out = attn.qkv.in_features, attn.qkv.out_features
+    expected[attn.qkv.weight] = math.sqrt(2 / (fan_in + fan_out))  # Xavier uniform's std
+    expected[attn.rel_pos.table] = 0.02
+    for param, std in expected.items():
+        assert param.std().item() == pytest.approx(std, rel=0.1)
+        assert param.mean().abs().item() < 0.1 * std
+    assert float(attn.qkv.weight.abs().max()) <= math.sqrt(6 / (fan_in + fan_out))
+    assert all(
+        float(b.abs().max()) == 0
+        for n, b in model.named_parameters()
+        if n.endswith("bias") and "norm" not in n
+    )
+    conv = torch.nn.Conv2d(64, 64, 3, groups=64, bias=False).to(torch.bfloat16)
+    init_module_(conv)
+    assert conv.weight.float().std().item() == pytest.approx(math.sqrt(2 / 9), rel=0.1)
 
 
 def test_compiled_bf16_model_keeps_fp32_batchnorm_statistics() -> None:
