@@ -39,8 +39,12 @@ class BufferEma:
     def __init__(self, model: torch.nn.Module, decay: float, device: torch.device) -> None:
         self.decay = decay
         self.device = device
+        self.reset(model)
+
+    def reset(self, model: torch.nn.Module) -> None:
+        """Start the averages at the model's current statistics."""
         self.shadow = {
-            n: b.detach().to(device=device, dtype=torch.float32, copy=True)
+            n: b.detach().to(device=self.device, dtype=torch.float32, copy=True)
             for n, b in _float_buffers(model)
         }
 

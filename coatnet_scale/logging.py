@@ -84,17 +84,27 @@ def rewind_metrics(path: Path, step: int) -> int:
 
 
 class ThroughputWindow:
-    """Images and time of the training steps since the last log: evaluation and checkpoint time
-    inside the window is measured apart (`pause`) and left out, so img/s and MFU are training
-    throughput, and the pauses are reported on their own."""
+    """Images, steps and time of the training steps since the last log: evaluation and checkpoint
+    time inside the window is measured apart (`pause`) and left out, so img/s and MFU are training
+    throughput, and the pauses are reported on their own.
 
-    def __init__(self, clock=time.perf_counter) -> None:
+    MFU counts `flops_per_image` (6 x the forward MACs: forward plus a backward of twice its
+    cost) against `peak_flops`, the dense peak of all ranks together (None: not reported)."""
+
+    def __init__(
+        self, flops_per_image: float = 0.0, peak_flops: float | None = None, clock=time.perf_counter
+    ) -> None:
+        self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
         self.clock = clock
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.images, self.data_wait = self.clock(), 0, 0.0
+        self.start, self.images, self.steps, self.data_wait = self.clock(), 0, 0, 0.0
         self.paused: dict[str, float] = {}
+
+    def step_done(self, images: int) -> None:
+        self.images += images
+        self.steps += 1
 
     def pause(self, what: str, seconds: float) -> None:
         self.paused[what] = self.paused.get(what, 0.0) + seconds
@@ -102,9 +112,24 @@ class ThroughputWindow:
     def training_seconds(self) -> float:
         return self.clock() - self.start - sum(self.paused.values())
 
+    def metrics(self) -> dict[str, float]:
+        """img/s, seconds per step, the share of it spent waiting for data, and MFU."""
+        elapsed = self.training_seconds()
+        img_per_s = self.images / elapsed
+        out = {
+            "img_per_s": img_per_s,
+            "step_time_s": elapsed / max(self.steps, 1),
+            "data_wait_share": self.data_wait / elapsed,
+        }
+        if self.peak_flops:
+            out["mfu"] = self.flops_per_image * img_per_s / self.peak_flops
+        return out
+
 
 class RunLogger:
-    """Metrics sink of one rank (a no-op everywhere but rank 0)."""
+    """Metrics sink of one rank (a no-op everywhere but rank 0). A run continued from
+    `start_step` first moves the records a killed run logged after that step aside
+    (`rewind_metrics`)."""
 
     def __init__(
         self,
@@ -124,11 +149,14 @@ class RunLogger:
         if not is_main:
             return
         self.metrics_path = run_dir / "metrics.jsonl"
+        rewound = rewind_metrics(self.metrics_path, start_step) if start_step else 0
         self.mode = resolve_wandb_mode(cfg.wandb_mode)
         if self.mode != "disabled":
             self.wandb_run = self._init_wandb(config, wandb_run_id)
             self._wandb_id = self.wandb_run.id
         self.progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if rewound:
+            self.message(f"{rewound} metric records after step {start_step} moved aside")
 
     def _init_wandb(self, config: dict[str, Any], run_id: str | None):
         """The run id: the resumed checkpoint's, else the run folder's, else a new one."""

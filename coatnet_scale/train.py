@@ -11,19 +11,25 @@ process group started (`distributed/device.py`).
 from __future__ import annotations
 
 import json
-import random
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.data import Mixup
 
 from coatnet_scale import checkpoint
-from coatnet_scale.checkpoint import TrainerState, checkpoint_root
+from coatnet_scale.checkpoint import Resume, TrainerState, checkpoint_root
 from coatnet_scale.config import Config, config_hash, dump_yaml, to_dict
-from coatnet_scale.data.pipeline import BatchPlan, build_eval_loader, build_train_loader
+from coatnet_scale.data.pipeline import (
+    BatchPlan,
+    TrainLoader,
+    build_eval_loader,
+    build_train_loader,
+)
 from coatnet_scale.data.transforms import Normalizer, build_mixup
 from coatnet_scale.distributed.collectives import global_mean, global_sum, largest
 from coatnet_scale.distributed.device import (
@@ -42,37 +48,22 @@ from coatnet_scale.distributed.engine import (
     save_deepspeed_config,
     to_deepspeed_config,
 )
-from coatnet_scale.distributed.env import dist_env
+from coatnet_scale.distributed.env import DistEnv, dist_env
 from coatnet_scale.ema import BufferEma, ema_applied, whole_ema_weights
 from coatnet_scale.guard import NonFiniteError, StepGuard, gradient_norm
-from coatnet_scale.logging import RunLogger, ThroughputWindow, redact, rewind_metrics
+from coatnet_scale.logging import RunLogger, ThroughputWindow, redact
 from coatnet_scale.losses import classification_loss
 from coatnet_scale.memory import device_memory_metrics
 from coatnet_scale.models.flops import total_macs
 from coatnet_scale.optim import GuardedAdamW, lr_at, set_lr
 from coatnet_scale.plan.hardware import device_peak_flops
-from coatnet_scale.seeding import seed_for
+from coatnet_scale.seeding import seed_for, seed_weights
 from coatnet_scale.stop import StopRequest
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RANK_LINES_SHOWN = 16  # larger jobs: a summary on the console, every rank in RUN/ranks.json
 
 __all__ = ["DTYPES", "NonFiniteError", "train"]
-
-
-def seed_weights(seed: int) -> None:
-    """The generators that draw the initial weights: the same seed on every rank (and every
-    device generator), so every rank builds the same model."""
-    torch.manual_seed(seed)
-
-
-def seed_rank_streams(seed: int, rank: int) -> None:
-    """Per-rank streams for everything drawn during training (python, numpy, torch on the CPU and
-    every GPU): stochastic depth and dropout masks differ between ranks, as if each rank's
-    micro-batch were part of one big batch. Restored from the checkpoint on resume."""
-    random.seed(seed_for(seed, rank, 1))
-    np.random.seed(seed_for(seed, rank, 2) % (1 << 32))
-    torch.manual_seed(seed_for(seed, rank, 3))
 
 
 def report_ranks(
@@ -138,142 +129,189 @@ def evaluate(engine, loader, normalizer: Normalizer) -> dict[str, float]:
     }
 
 
-def restore_ema(stats_ema: BufferEma | None, ckpt: Path, notes: list[str]) -> None:
-    """The EMA of the BatchNorm statistics (the weights' EMA is loaded with the optimizer)."""
-    if stats_ema is None:
-        return
-    saved = checkpoint.read_ema(ckpt)
-    if saved is None:
-        notes.append("the checkpoint has no EMA weights: the EMA restarts from the current weights")
-        return
-    stats_ema.load(saved)
+class MicroBatches:
+    """The micro-batches of one optimizer step through the engine: loader batches moved to the
+    rank's device (non-blocking), normalised, mixed (mixup/CutMix seeded by seed, step, rank and
+    micro-batch, so a resumed run mixes the same way), forward, loss, backward, `engine.step()`
+    (DeepSpeed steps the optimizer at the accumulation boundary)."""
+
+    def __init__(
+        self,
+        engine,
+        loader: TrainLoader,
+        plan: BatchPlan,
+        mixup: Mixup | None,
+        cfg: Config,
+        rank: int,
+    ) -> None:
+        self.engine, self.plan, self.mixup, self.cfg, self.rank = engine, plan, mixup, cfg, rank
+        self.batches: Iterator[dict] = iter(loader)
+        self.normalizer = Normalizer(engine.device, DTYPES[cfg.precision.dtype])
+        # fp32 ZeRO-0: the engine drives our optimizer directly and reports no gradient norm
+        self.own_norm = isinstance(engine.optimizer, GuardedAdamW)
+
+    def step(self, step: int, window: ThroughputWindow) -> tuple[torch.Tensor, float | None]:
+        """Run one optimizer step; returns this rank's mean loss and the gradient norm."""
+        engine, device, train = self.engine, self.engine.device, self.cfg.train
+        losses, own_norm = [], None
+        for micro in range(self.plan.accumulation):
+            wait_start = time.perf_counter()
+            batch = next(self.batches)
+            window.data_wait += time.perf_counter() - wait_start
+            images = self.normalizer(batch["image"].to(device, non_blocking=True))
+            targets = batch["label"].to(device, non_blocking=True)
+            valid = batch["valid"].to(device, non_blocking=True)
+            if self.mixup is not None:
+                np.random.seed(seed_for(train.seed, step, self.rank, micro) % (1 << 32))
+                images, targets = self.mixup(images, targets)
+            loss = classification_loss(
+                engine(images), targets, train.loss, train.label_smoothing, valid
+            )
+            engine.backward(loss)
+            if micro == self.plan.accumulation - 1 and self.own_norm:
+                own_norm = gradient_norm(engine.module)
+            engine.step()
+            losses.append(loss.detach().float())
+        window.step_done(train.global_batch_size)
+        reported = own_norm if self.own_norm else engine.get_global_grad_norm()
+        return torch.stack(losses).mean(), float(reported) if reported is not None else None
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Run (or continue) the pretraining described by `cfg`; returns the final metrics.
+class Checkpointing:
+    """When to save (every N steps, every M minutes, at the end, on a stop signal: agreed by all
+    ranks) and what: DeepSpeed's shards with the trainer state, RNG and EMA files."""
 
-    With `checkpoint.resume=auto` a run folder that holds a valid checkpoint continues from it:
-    weights, optimizer, step, data position, RNG, EMA, counters and wandb run. A stop signal
-    (SIGUSR1/SIGTERM, see `coatnet_scale.stop`) ends the run at the next step boundary after a
-    checkpoint; the result then has `stopped` = 1.
-    """
-    # ---- context ---------------------------------------------------------------------------
-    env = dist_env()
-    binding = init_process_group(cfg, env)  # the rank's device first, then the process group
+    def __init__(
+        self,
+        engine,
+        cfg: Config,
+        run_dir: Path,
+        loader: TrainLoader,
+        guard: StepGuard,
+        stats_ema: BufferEma | None,
+        logger: RunLogger,
+        env: DistEnv,
+    ) -> None:
+        self.engine, self.cfg, self.run_dir, self.loader = engine, cfg, run_dir, loader
+        self.guard, self.stats_ema, self.logger, self.env = guard, stats_ema, logger, env
+        self.last_save = time.monotonic()
+
+    def decide(self, done: int, stop: StopRequest) -> tuple[bool, int]:
+        """(save now, the stop signal or 0). Ranks' clocks and signals differ: they agree (one
+        tiny all-reduce) on saving, on stopping and on which signal asked, so all do the same."""
+        every_steps, every_minutes = (
+            self.cfg.checkpoint.every_steps,
+            self.cfg.checkpoint.every_minutes,
+        )
+        minutes = (time.monotonic() - self.last_save) / 60
+        due = (every_steps and done % every_steps == 0) or (
+            every_minutes and minutes >= every_minutes
+        )
+        due_anywhere, signum = largest(
+            [float(bool(due)), float(stop.received or 0)], self.engine.device
+        )
+        return due_anywhere > 0, int(signum)
+
+    def save(self, step: int) -> float:
+        """Save checkpoint `step` on every rank; returns the seconds it took."""
+        start = time.perf_counter()
+        state = TrainerState.of(
+            self.cfg,
+            step,
+            self.loader.state_dict(),
+            self.guard.skipped,
+            self.logger.wandb_run_id,
+            self.env.world_size,
+            self.guard.loss_scale_skips,
+        )
+        ema = None
+        if self.stats_ema is not None and self.env.is_main:
+            ema = self.stats_ema.shadow | whole_ema_weights(self.engine)
+        checkpoint.save(
+            self.engine,
+            checkpoint_root(self.run_dir),
+            state,
+            ema,
+            self.cfg.checkpoint.keep_last,
+            self.cfg.checkpoint.keep_every,
+            self.logger.message,
+        )
+        self.last_save = time.monotonic()
+        return time.perf_counter() - start
+
+
+def validation(
+    engine, loader, normalizer: Normalizer, stats_ema: BufferEma | None
+) -> dict[str, float]:
+    """val_* metrics of the weights, and val_ema_* of the EMA weights and statistics."""
+    start = time.perf_counter()
+    result = {f"val_{k}": v for k, v in evaluate(engine, loader, normalizer).items()}
+    if stats_ema is not None:
+        with ema_applied(engine, stats_ema):
+            ema_result = evaluate(engine, loader, normalizer)
+        result |= {f"val_ema_{k}": v for k, v in ema_result.items()}
+    return result | {"eval_s": time.perf_counter() - start}
+
+
+def create_run_dir(cfg: Config, is_main: bool) -> Path:
+    """RUN/ with the config this run uses (written by rank 0 while the others wait)."""
     run_dir = Path(cfg.train.run_dir)
-    if env.is_main:
+    if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(redact(dump_yaml(cfg)))
     dist.barrier()
-    notes: list[str] = []  # set-up messages, printed once the logger exists
-    report_ranks(binding, env.rank, run_dir, cfg.data.num_workers, notes)
-    seed_weights(cfg.train.seed)
-    dtype = DTYPES[cfg.precision.dtype]
+    return run_dir
 
-    # ---- where the run starts ------------------------------------------------------------------
-    resume_from = checkpoint.find_resume(cfg.checkpoint, run_dir, notes.append)
-    saved = TrainerState.read(resume_from) if resume_from is not None else None
-    if saved is not None:
-        changed = checkpoint.check_compatible(resume_from, saved, cfg)
-        notes += [f"changed since the checkpoint: {line}" for line in changed]
 
-    # ---- data --------------------------------------------------------------------------------
-    plan = BatchPlan(
-        cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size
-    )
-    train_loader = build_train_loader(cfg.data, cfg.model.image_size, plan, cfg.train.seed)
-    notes += train_loader.order_notes
-    eval_loader = (
-        build_eval_loader(
-            cfg.data, cfg.model.image_size, cfg.train.micro_batch_size, env.rank, env.world_size
-        )
-        if cfg.data.val_shards
-        else None
-    )
-    mixup = build_mixup(
-        cfg.data.mixup_alpha,
-        cfg.data.cutmix_alpha,
-        cfg.train.label_smoothing,
-        cfg.model.num_classes,
-    )
-
-    # ---- model and engine ----------------------------------------------------------------------
-    ds_config = to_deepspeed_config(cfg, env.world_size)
-    load_plan = None
-    if saved is not None:
-        load_plan = checkpoint.prepare_load(
-            resume_from, saved.world_size, env.world_size, notes.append
-        )
-        if load_plan.universal:
-            ds_config["checkpoint"] = {"load_universal": True}
+def build_training_engine(
+    cfg: Config, env: DistEnv, binding: DeviceBinding, resume: Resume, run_dir: Path, log
+):
+    """The model, built sharded on the rank's device (or initialised from `checkpoint.init_from`
+    for a new run), wrapped by DeepSpeed with the config generated from `cfg`."""
+    ds_config = resume.deepspeed_config(to_deepspeed_config(cfg, env.world_size))
     if env.is_main:
         save_deepspeed_config(ds_config, run_dir)
     model = build_sharded_model(cfg.model, cfg.zero.stage, ds_config, binding.device)
-    if saved is None and cfg.checkpoint.init_from:
+    if resume.checkpoint is None and cfg.checkpoint.init_from:
         source = cfg.checkpoint.init_from
         state = checkpoint.initial_weights(Path(source), cfg.checkpoint.init_ema)
         fresh = load_initial_weights(model, state, cfg.zero.stage, source)
-        notes.append(
+        log(
             f"initialised from {source}"
             + (f"; newly initialised: {', '.join(fresh)}" if fresh else "")
         )
     engine = build_engine(model, cfg, ds_config)
-    device = engine.device
-    if device != binding.device:
+    if engine.device != binding.device:
         raise DeviceError(
-            f"DeepSpeed placed rank {env.rank}'s model on {device}, but the rank is bound to "
-            f"{binding.device}: DeepSpeed chose its accelerator from what torch saw (set "
+            f"DeepSpeed placed rank {env.rank}'s model on {engine.device}, but the rank is bound "
+            f"to {binding.device}: DeepSpeed chose its accelerator from what torch saw (set "
             "DS_ACCELERATOR=cpu for distributed.device=cpu; launch/pretrain.py does)"
         )
-    normalizer = Normalizer(device, dtype)
-    flops_per_image = 6 * total_macs(cfg.model)
-    peak_flops = cfg.logging.peak_flops or (
+    return engine
+
+
+def peak_flops(cfg: Config, device: torch.device, world_size: int) -> float | None:
+    """The dense peak of all ranks together, for MFU: `logging.peak_flops` per device, else the
+    GPU's datasheet figure; None on CPUs."""
+    per_device = cfg.logging.peak_flops or (
         device_peak_flops(
             torch.cuda.get_device_name(device), cfg.precision.dtype, cfg.precision.tf32
         )
         if device.type == "cuda"
         else None
     )
-    guard = StepGuard(cfg.train.max_nonfinite_steps, cfg.precision.min_loss_scale)
-    # fp32 ZeRO-0: the engine drives our optimizer directly and reports no gradient norm
-    own_norm = isinstance(engine.optimizer, GuardedAdamW)
-    norm_before_step = None
+    return per_device * world_size if per_device else None
 
-    start_step = 0
-    if saved is not None and load_plan is not None:
-        checkpoint.load(engine, load_plan)
-        train_loader.load_state_dict(saved.data)
-    # after loading: an EMA the checkpoint lacks starts from the loaded weights, not the initial
-    stats_ema = (
-        BufferEma(engine.module, cfg.train.ema_decay, device) if cfg.train.ema_decay > 0 else None
-    )
-    if saved is not None and load_plan is not None:
-        restore_ema(stats_ema, resume_from, notes)
-        start_step = saved.step
-        guard.skipped, guard.loss_scale_skips = saved.skipped_steps, saved.loss_scale_skips
-        if env.is_main:
-            moved = rewind_metrics(run_dir / "metrics.jsonl", start_step)
-            if moved:
-                notes.append(f"{moved} metric records after step {start_step} moved aside")
-        notes.append(
-            f"resumed from {resume_from} (step {start_step}, saved by {saved.world_size} "
-            f"rank(s), {saved.data['samples_consumed']:,} samples consumed)"
-        )
 
-    logger = RunLogger(
-        cfg.logging,
-        run_dir,
-        env.is_main,
-        to_dict(cfg),
-        cfg.train.total_steps,
-        start_step,
-        saved.wandb_run_id if saved is not None else None,
-    )
+def announce(
+    logger: RunLogger, cfg: Config, engine, plan: BatchPlan, notes: list[str], start_step: int
+) -> None:
+    """The run's one-line summary, then the set-up messages collected before the logger."""
     logger.message(
-        f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters on this "
-        f"rank, {env.world_size} rank(s), ZeRO-{cfg.zero.stage}, {cfg.precision.dtype}, "
+        f"{cfg.model.name}: {sum(p.numel() for p in engine.module.parameters()):,} parameters on "
+        f"this rank, {plan.world_size} rank(s), ZeRO-{cfg.zero.stage}, {cfg.precision.dtype}, "
         f"{plan.accumulation} micro-batch(es) of {plan.micro_batch} per rank per step, "
-        f"config {config_hash(cfg)}, run folder {run_dir}"
+        f"config {config_hash(cfg)}, run folder {cfg.train.run_dir}"
     )
     for note in notes:
         logger.message(note)
@@ -283,159 +321,135 @@ def train(cfg: Config) -> dict[str, float]:
             f"{cfg.train.total_steps}); raise train.total_steps to continue it"
         )
 
-    def save(step: int) -> None:
-        state = TrainerState.of(
-            cfg,
-            step,
-            train_loader.state_dict(),
-            guard.skipped,
-            logger.wandb_run_id,
-            env.world_size,
-            guard.loss_scale_skips,
-        )
-        checkpoint.save(
-            engine,
-            checkpoint_root(run_dir),
-            state,
-            stats_ema.shadow | whole_ema_weights(engine)
-            if stats_ema is not None and env.is_main
-            else None,
-            cfg.checkpoint.keep_last,
-            cfg.checkpoint.keep_every,
-            logger.message,
-        )
 
-    # Last thing before the loop: the RNG streams continue exactly where the checkpoint left them
-    # (same world size), or restart from a seed of (seed, step) on another world size; a new run
-    # starts each rank's own streams.
-    same_world = saved is not None and saved.world_size == env.world_size
-    if resume_from is None or not checkpoint.restore_rng(resume_from, env.rank, same_world):
-        seed_rank_streams(seed_for(cfg.train.seed, start_step), env.rank)
+def training_metrics(
+    engine, window: ThroughputWindow, guard: StepGuard, loader: TrainLoader
+) -> dict[str, float]:
+    """What each log record adds to loss, lr and gradient norm: throughput, memory, skipped
+    steps, bad samples of all ranks, the epoch, and fp16's loss scale."""
+    metrics = {
+        **window.metrics(),
+        **device_memory_metrics(engine.device),
+        "skipped_steps": guard.skipped,
+        "bad_samples": global_sum(loader.bad_samples, engine.device),
+        "epoch": loader.state_dict()["epoch"],
+    }
+    scale = loss_scale(engine)
+    if scale is not None:
+        metrics |= {"loss_scale": scale, "loss_scale_skips": guard.loss_scale_skips}
+    return metrics
 
-    # ---- the loop --------------------------------------------------------------------------------
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run (or continue) the pretraining described by `cfg`; returns the final metrics.
+
+    With `checkpoint.resume=auto` a run folder that holds a valid checkpoint continues from it:
+    weights, optimizer, step, data position, RNG, EMA, counters and wandb run (`Resume`). A stop
+    signal (SIGUSR1/SIGTERM, see `coatnet_scale.stop`) ends the run at the next step boundary
+    after a checkpoint; the result then has `stopped` = 1.
+    """
+    env = dist_env()
+    binding = init_process_group(cfg, env)  # the rank's device first, then the process group
+    run_dir = create_run_dir(cfg, env.is_main)
+    notes: list[str] = []  # set-up messages, printed once the logger exists
+    report_ranks(binding, env.rank, run_dir, cfg.data.num_workers, notes)
+    seed_weights(cfg.train.seed)
+    resume = Resume.find(cfg, run_dir, env.world_size, notes.append)
+    plan = BatchPlan(
+        cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size
+    )
+    train_loader = build_train_loader(cfg.data, cfg.model.image_size, plan, cfg.train.seed)
+    notes += train_loader.order_notes
+    eval_loader = None
+    if cfg.data.val_shards:
+        eval_loader = build_eval_loader(
+            cfg.data, cfg.model.image_size, cfg.train.micro_batch_size, env.rank, env.world_size
+        )
+    engine = build_training_engine(cfg, env, binding, resume, run_dir, notes.append)
+    stats_ema = (
+        BufferEma(engine.module, cfg.train.ema_decay, engine.device)
+        if cfg.train.ema_decay > 0
+        else None
+    )
+    guard = StepGuard(cfg.train.max_nonfinite_steps, cfg.precision.min_loss_scale)
+    resume.restore(engine, train_loader, stats_ema, guard, notes.append)
+    start_step, total_steps = resume.start_step, cfg.train.total_steps
+    logger = RunLogger(
+        cfg.logging,
+        run_dir,
+        env.is_main,
+        to_dict(cfg),
+        total_steps,
+        start_step,
+        resume.wandb_run_id,
+    )
+    announce(logger, cfg, engine, plan, notes, start_step)
+    mixup = build_mixup(
+        cfg.data.mixup_alpha,
+        cfg.data.cutmix_alpha,
+        cfg.train.label_smoothing,
+        cfg.model.num_classes,
+    )
+    micro_batches = MicroBatches(engine, train_loader, plan, mixup, cfg, env.rank)
+    checkpoints = Checkpointing(engine, cfg, run_dir, train_loader, guard, stats_ema, logger, env)
+    window = ThroughputWindow(
+        6 * total_macs(cfg.model), peak_flops(cfg, engine.device, env.world_size)
+    )
+    resume.restore_rng(cfg.train.seed, env.rank, env.world_size)  # last: set-up draws no more
+
     stop = StopRequest()  # from here on a stop signal means: checkpoint, then exit cleanly
-    batches = iter(train_loader)
-    final: dict[str, float] = {}
-    window = ThroughputWindow()  # training steps only: eval and checkpoint time measured apart
-    last_save = time.monotonic()
+    final: dict[str, float] = {"step": float(start_step)}
     try:
-        for step in range(start_step, cfg.train.total_steps):
-            lr = lr_at(step, cfg.optim.lr, cfg.schedule, cfg.train.total_steps)
+        for step in range(start_step, total_steps):
+            lr = lr_at(step, cfg.optim.lr, cfg.schedule, total_steps)
             set_lr(engine.optimizer, lr)
             scale_before = loss_scale(engine)
-            losses = []
-            for micro in range(plan.accumulation):
-                wait_start = time.perf_counter()
-                batch = next(batches)
-                window.data_wait += time.perf_counter() - wait_start
-                images = normalizer(batch["image"].to(device, non_blocking=True))
-                targets = batch["label"].to(device, non_blocking=True)
-                valid = batch["valid"].to(device, non_blocking=True)
-                if mixup is not None:
-                    np.random.seed(seed_for(cfg.train.seed, step, env.rank, micro) % (1 << 32))
-                    images, targets = mixup(images, targets)
-                logits = engine(images)
-                loss = classification_loss(
-                    logits, targets, cfg.train.loss, cfg.train.label_smoothing, valid
-                )
-                engine.backward(loss)
-                if micro == plan.accumulation - 1 and own_norm:
-                    norm_before_step = gradient_norm(engine.module)
-                engine.step()
-                losses.append(loss.detach().float())
-            window.images += cfg.train.global_batch_size
-
+            rank_loss, grad_norm = micro_batches.step(step, window)
             # The step guard (coatnet_scale/guard.py): the optimizer has already skipped an update
-            # whose gradients were not finite (DeepSpeed's check is all-reduced; fp32 ZeRO-0's
-            # GuardedAdamW sees gradients averaged over ranks); the loss is the mean over all
-            # ranks, so every rank classifies the step the same way.
-            loss_value = global_mean(torch.stack(losses).mean(), env.world_size)
-            reported = norm_before_step if own_norm else engine.get_global_grad_norm()
-            grad_norm = float(reported) if reported is not None else None
-            applied = engine.was_step_applied()
-            outcome = guard.observe(loss_value, grad_norm, applied, scale_before)
+            # whose gradients were not finite; the loss is the mean over all ranks, so every rank
+            # classifies the step the same way.
+            loss = global_mean(rank_loss, env.world_size)
+            outcome = guard.observe(loss, grad_norm, engine.was_step_applied(), scale_before)
             if outcome == "applied" and stats_ema is not None:
                 stats_ema.update(engine.module)
             elif outcome == "nonfinite":
                 logger.message(
-                    f"step {step + 1}: non-finite loss {loss_value} or gradient norm {grad_norm}: "
+                    f"step {step + 1}: non-finite loss {loss} or gradient norm {grad_norm}: "
                     "update skipped on every rank"
                 )
                 guard.check()
             logger.advance()
-
-            done = step + 1
-            if done % cfg.logging.log_every == 0 or done == cfg.train.total_steps:
-                elapsed = window.training_seconds()
-                img_per_s = window.images / elapsed
-                metrics = {
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": float("nan") if grad_norm is None else grad_norm,
-                    "img_per_s": img_per_s,
-                    "step_time_s": elapsed * cfg.train.global_batch_size / window.images,
-                    "data_wait_share": window.data_wait / elapsed,
-                    **device_memory_metrics(device),
-                    "skipped_steps": guard.skipped,
-                    "bad_samples": global_sum(train_loader.bad_samples, device),
-                    "epoch": train_loader.state_dict()["epoch"],
-                }
-                if peak_flops:
-                    metrics["mfu"] = flops_per_image * img_per_s / (peak_flops * env.world_size)
-                if scale_before is not None:
-                    metrics |= {
-                        "loss_scale": loss_scale(engine),
-                        "loss_scale_skips": guard.loss_scale_skips,
-                    }
+            done, last = step + 1, step + 1 == total_steps
+            final["step"] = float(done)
+            if done % cfg.logging.log_every == 0 or last:
+                grad = float("nan") if grad_norm is None else grad_norm
+                metrics = {"loss": loss, "lr": lr, "grad_norm": grad}
+                metrics |= training_metrics(engine, window, guard, train_loader)
                 logger.log(done, metrics)
-                final.update(metrics)
+                final |= metrics
                 train_loader.bad_summary()
                 window.reset()
-
-            last = done == cfg.train.total_steps
-            if eval_loader is not None and (
-                last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
-            ):
-                eval_start = time.perf_counter()
-                result = {
-                    f"val_{k}": v for k, v in evaluate(engine, eval_loader, normalizer).items()
-                }
-                if stats_ema is not None:
-                    with ema_applied(engine, stats_ema):
-                        result |= {
-                            f"val_ema_{k}": v
-                            for k, v in evaluate(engine, eval_loader, normalizer).items()
-                        }
-                result["eval_s"] = time.perf_counter() - eval_start
+            every = cfg.train.eval_every
+            if eval_loader is not None and (last or (every and done % every == 0)):
+                result = validation(engine, eval_loader, micro_batches.normalizer, stats_ema)
                 window.pause("eval", result["eval_s"])
                 logger.log(done, result)
                 logger.message(
                     f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
                 )
-                final.update(result)
-
-            minutes = (time.monotonic() - last_save) / 60
-            due = (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or (
-                cfg.checkpoint.every_minutes and minutes >= cfg.checkpoint.every_minutes
-            )
-            # Ranks' clocks and signals differ: they agree (one tiny all-reduce) on saving and
-            # on stopping, and on which signal asked for it, so all of them do the same.
-            due_anywhere, signum = largest([float(bool(due)), float(stop.received or 0)], device)
-            save_now, stop_now = due_anywhere > 0, signum > 0
-            if last or save_now or stop_now:
-                save_start = time.perf_counter()
-                save(done)
-                last_save = time.monotonic()
-                window.pause("checkpoint", time.perf_counter() - save_start)
-                logger.log(done, {"checkpoint_s": time.perf_counter() - save_start})
-            if stop_now and not last:
+                final |= result
+            save_now, signum = checkpoints.decide(done, stop)
+            if last or save_now or signum:
+                seconds = checkpoints.save(done)
+                window.pause("checkpoint", seconds)
+                logger.log(done, {"checkpoint_s": seconds})
+            if signum and not last:
                 logger.message(
-                    f"stop requested ({signal.Signals(int(signum)).name}): stopped after step "
-                    f"{done} with a checkpoint; the same command resumes"
+                    f"stop requested ({signal.Signals(signum).name}): stopped after step {done} "
+                    "with a checkpoint; the same command resumes"
                 )
                 final["stopped"] = 1.0
                 break
-        final["step"] = float(done if cfg.train.total_steps > start_step else start_step)
     finally:
         stop.close()
     logger.close()

@@ -72,6 +72,7 @@ from coatnet_scale.checkpoint.layout import (
 )
 from coatnet_scale.checkpoint.resume import (
     LoadPlan,
+    Resume,
     check_compatible,
     config_changes,
     convert_to_universal,
@@ -102,6 +103,7 @@ __all__ = [
     "UNIVERSAL",
     "CheckpointError",
     "LoadPlan",
+    "Resume",
     "TrainerState",
     "check_compatible",
     "checkpoint_root",

@@ -1,5 +1,5 @@
 """Choosing the checkpoint a run continues from, checking it fits, converting it for another
-world size, and loading it."""
+world size, and loading it; `Resume` is what the trainer sees of all that."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from coatnet_scale.checkpoint.ema_files import add_ema_to_universal, load_universal_ema_zero3
+from coatnet_scale.checkpoint.ema_files import (
+    add_ema_to_universal,
+    load_universal_ema_zero3,
+    read_ema,
+)
 from coatnet_scale.checkpoint.layout import (
     MUST_MATCH,
     RNG_DIR,
@@ -33,6 +37,12 @@ from coatnet_scale.checkpoint.save import point_latest, recover
 from coatnet_scale.checkpoint.state import TrainerState, set_rng_state
 from coatnet_scale.config import CheckpointConfig, Config, to_dict
 from coatnet_scale.files import free_name, fsync_dir, remove_tree
+from coatnet_scale.seeding import seed_for, seed_rank_streams
+
+if TYPE_CHECKING:
+    from coatnet_scale.data.pipeline import TrainLoader
+    from coatnet_scale.ema import BufferEma
+    from coatnet_scale.guard import StepGuard
 
 
 def newest_valid(root: Path, checksums: bool, log: Log) -> Path | None:
@@ -238,3 +248,79 @@ def restore_rng(ckpt: Path, rank: int, same_world: bool) -> bool:
         return False
     set_rng_state(torch.load(path, weights_only=True))
     return True
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a run starts, decided once before anything is built, and all that follows from it.
+
+    A new run has no `checkpoint`. Otherwise: the committed checkpoint `find_resume` chose, its
+    trainer state, and DeepSpeed's load plan (a universal checkpoint, made now, when the world
+    size changed). The trainer asks it, in this order, for the DeepSpeed config
+    (`deepspeed_config`), to restore the engine, data position, EMA statistics and counters
+    (`restore`), and last, just before the loop, for the RNG streams (`restore_rng`).
+    """
+
+    checkpoint: Path | None = None
+    saved: TrainerState | None = None
+    load_plan: LoadPlan | None = None
+
+    @classmethod
+    def find(cls, cfg: Config, run_dir: Path, world_size: int, log: Log) -> Resume:
+        """The run's start (all ranks; collective: verification, conversion)."""
+        ckpt = find_resume(cfg.checkpoint, run_dir, log)
+        if ckpt is None:
+            return cls()
+        saved = TrainerState.read(ckpt)
+        for line in check_compatible(ckpt, saved, cfg):
+            log(f"changed since the checkpoint: {line}")
+        return cls(ckpt, saved, prepare_load(ckpt, saved.world_size, world_size, log))
+
+    @property
+    def start_step(self) -> int:
+        return self.saved.step if self.saved is not None else 0
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.saved.wandb_run_id if self.saved is not None else None
+
+    def deepspeed_config(self, ds_config: dict[str, Any]) -> dict[str, Any]:
+        """The run's DeepSpeed config, told to read the universal format when loading one."""
+        if self.load_plan is not None and self.load_plan.universal:
+            return ds_config | {"checkpoint": {"load_universal": True}}
+        return ds_config
+
+    def restore(
+        self, engine, loader: TrainLoader, stats_ema: BufferEma | None, guard: StepGuard, log: Log
+    ) -> None:
+        """Weights, optimizer (with the weights' EMA), engine counters, data position, the EMA of
+        the BatchNorm statistics and the step guard's counters. An EMA the checkpoint lacks
+        starts from the loaded statistics, not the initial ones."""
+        if self.saved is None or self.load_plan is None or self.checkpoint is None:
+            return
+        load(engine, self.load_plan)
+        loader.load_state_dict(self.saved.data)
+        if stats_ema is not None:
+            stats_ema.reset(engine.module)
+            saved_ema = read_ema(self.checkpoint)
+            if saved_ema is None:
+                log("the checkpoint has no EMA weights: the EMA restarts from the current weights")
+            else:
+                stats_ema.load(saved_ema)
+        guard.skipped, guard.loss_scale_skips = (
+            self.saved.skipped_steps,
+            self.saved.loss_scale_skips,
+        )
+        log(
+            f"resumed from {self.checkpoint} (step {self.start_step}, saved by "
+            f"{self.saved.world_size} rank(s), {self.saved.data['samples_consumed']:,} samples "
+            "consumed)"
+        )
+
+    def restore_rng(self, seed: int, rank: int, world_size: int) -> None:
+        """The RNG streams continue exactly where the checkpoint left them (same world size), or
+        restart from a seed of (seed, step) on another world size; a new run starts each rank's
+        own streams. Called last before the loop: set-up draws nothing from them afterwards."""
+        same_world = self.saved is not None and self.saved.world_size == world_size
+        if self.checkpoint is None or not restore_rng(self.checkpoint, rank, same_world):
+            seed_rank_streams(seed_for(seed, self.start_step), rank)

@@ -279,7 +279,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run() -> None:
 
 
 def test_per_rank_streams_differ_between_ranks_and_weights_do_not() -> None:
-    from coatnet_scale.train import seed_rank_streams, seed_weights
+    from coatnet_scale.seeding import seed_rank_streams, seed_weights
 
     draws = []
     for rank in (0, 1):
@@ -312,14 +312,17 @@ def test_throughput_leaves_out_evaluation_and_checkpoint_time() -> None:
     from coatnet_scale.logging import ThroughputWindow
 
     now = [100.0]
-    window = ThroughputWindow(clock=lambda: now[0])
+    window = ThroughputWindow(flops_per_image=1e9, peak_flops=1e12, clock=lambda: now[0])
     now[0] += 10.0  # ten seconds of steps...
-    window.images += 640
+    for _ in range(10):
+        window.step_done(64)
     window.pause("eval", 30.0)  # ...a 30 s evaluation and a 15 s checkpoint inside the window
     window.pause("checkpoint", 15.0)
     now[0] += 45.0
     assert window.training_seconds() == pytest.approx(10.0)
-    assert window.images / window.training_seconds() == pytest.approx(64.0)  # not 640 / 55
+    assert window.metrics()["img_per_s"] == pytest.approx(64.0)  # not 640 / 55
+    assert window.metrics()["step_time_s"] == pytest.approx(1.0)
+    assert window.metrics()["mfu"] == pytest.approx(64e9 / 1e12)
     window.reset()
     assert window.images == 0 and window.training_seconds() == pytest.approx(0.0)
 
