@@ -32,7 +32,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from coatnet_scale.distributed.env import free_port  # noqa: E402  (stdlib only)
 
 TRAIN_TIMEOUT_S = 240
 DEADLINE = [float("inf")]  # monotonic time by which every check must be over (--deadline-s)
@@ -376,12 +377,6 @@ def run(command: list[str], timeout: float, env: dict[str, str] | None = None) -
         tail = " | ".join(output.strip().splitlines()[-6:])
         raise CheckFailed(f"exit code {proc.returncode}: {tail}")
     return output
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher(ranks: int) -> list[str]:

@@ -359,7 +359,6 @@ def train(cfg: Config) -> dict[str, float]:
         cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size
     )
     train_loader = build_train_loader(cfg.data, cfg.model.image_size, plan, cfg.train.seed)
-    notes += train_loader.order_notes
     eval_loader = None
     if cfg.data.val_shards:
         eval_loader = build_eval_loader(
@@ -373,6 +372,7 @@ def train(cfg: Config) -> dict[str, float]:
     )
     guard = StepGuard(cfg.train.max_nonfinite_steps, cfg.precision.min_loss_scale)
     resume.restore(engine, train_loader, stats_ema, guard, notes.append)
+    notes += train_loader.order_notes  # after the restore: a resume keeps the run's order
     start_step, total_steps = resume.start_step, cfg.train.total_steps
     logger = RunLogger(
         cfg.logging,

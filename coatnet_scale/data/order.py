@@ -351,7 +351,12 @@ def choose_order(
     if requested == "auto":
         order = "global" if samples <= GLOBAL_AUTO_LIMIT else "window"
     if order == "global":
-        return OrderChoice(order, f"{detail}; using the global order (a random read per sample)")
+        return OrderChoice(
+            order,
+            f"{detail}; using the global order (a random read per sample); to read shards "
+            "sequentially again, rewrite them with python -m data_tools.make_shards (it "
+            "shuffles)",
+        )
     too_big = (
         f" (auto keeps window above {GLOBAL_AUTO_LIMIT:,} samples: the global order's shard "
         "indexes, ~80 bytes per sample, would be kept by every loader worker)"

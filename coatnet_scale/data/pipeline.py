@@ -242,7 +242,12 @@ class TrainLoader:
         ):
             # auto decides per run (the batch sizes enter the check): a resume keeps the
             # order the run started with, so the sample sequence continues
+            chosen = self.order_key
             self._use_orders(saved_orders)
+            self.order_notes = [
+                f"train: {', '.join(saved_orders)} order kept from the checkpoint (auto would "
+                f"choose {chosen.split('/')[0]} for this run's batch sizes)"
+            ]
         if saved_order != self.order_key:
             raise ValueError(
                 f"data position was saved with sample order {saved_order}, this run resolves to "

@@ -10,6 +10,7 @@ with a traceback pointing at the code, instead of reporting clean data as damage
 from __future__ import annotations
 
 import json
+import tarfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,7 +89,7 @@ class ShardReader:
             return self._indexes[path]
         try:
             tar: TarIndex | BadData = TarIndex(path)
-        except Exception as err:  # missing file, not a tar: the shard's samples are bad data
+        except (OSError, tarfile.TarError) as err:  # missing, unreadable, not a tar: bad data
             reason = err.strerror if isinstance(err, OSError) and err.strerror else err
             tar = BadData(f"cannot open the shard: {reason}")
         self._indexes[path] = tar
@@ -145,7 +146,8 @@ def sample_shard_labels(
                 label = int(tar.read(i)[1]["cls"])
                 labels[label] = labels.get(label, 0) + 1
             tar.close()
-        except Exception:  # unreadable or unlabelled: no estimate; the loader reports the shard
+        except (OSError, tarfile.TarError, KeyError, ValueError):
+            # unreadable or unlabelled: no estimate; the loader reports the shard
             return None
         histograms.append(labels)
     return histograms

@@ -87,13 +87,13 @@ def decode_region(img: Image.Image, box: Box, out: int) -> tuple[Image.Image, Bo
     """
     width, height = img.size
     scale = 1.0
+    if img.format == "JPEG":  # our arithmetic, outside the handler: its errors are bugs
+        box_w, box_h = box[2] - box[0], box[3] - box[1]
+        need = (math.ceil(width * out / box_w), math.ceil(height * out / box_h))
+        drafted = img.draft("RGB", need)
+        if drafted is not None:
+            scale = drafted[1][2] / width
     try:
-        if img.format == "JPEG":
-            box_w, box_h = box[2] - box[0], box[3] - box[1]
-            need = (math.ceil(width * out / box_w), math.ceil(height * out / box_h))
-            drafted = img.draft("RGB", need)
-            if drafted is not None:
-                scale = drafted[1][2] / width
         img.load()
     except DECODE_ERRORS as err:
         raise UndecodableImage(f"cannot decode the image: {err}") from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -159,4 +160,14 @@ def dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"))),
             launcher="slurm",
         )
-    return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    # One process, no launcher: any free port (a fixed one collides with a launcher's job or
+    # another single-process run on the same machine: EADDRINUSE)
+    port = int(env.get("MASTER_PORT") or free_port())
+    return DistEnv(0, 0, 1, 1, "127.0.0.1", port, "single")
+
+
+def free_port() -> int:
+    """A TCP port the OS has free right now on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

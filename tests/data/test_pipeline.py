@@ -331,6 +331,22 @@ def test_bad_samples_are_named_with_shard_key_source_and_reason(
     assert f"sample {damaged} (" in capsys.readouterr().out
 
 
+def test_only_the_first_20_bad_samples_are_named_then_summarised(tmp_path: Path, caplog) -> None:
+    """30 real bad samples (three shards gone): 20 warnings naming one sample each, then one
+    summary line for the other 10, and every one counted."""
+    manifest = load_manifest(shard_set(tmp_path, [10, 10, 10, 10]))
+    for shard in manifest.shards[1:]:
+        Path(shard.path).unlink()
+    ld = TrainLoader([manifest], [40.0], 0, "exact", BatchPlan(8, 8, 0, 1), AUG, 0, 0.9)
+    with caplog.at_level("WARNING", logger="coatnet_scale.data"):
+        take_steps(ld, 5)
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bad sample ")]
+    assert ld.bad_samples == 30 and ld.samples_seen == 40
+    assert len(named) == 20 and all("cannot open the shard" in line for line in named)
+    assert ld.bad_summary().startswith("10 more bad sample(s) on this rank (30 of 40 so far")
+    assert ld.bad_summary() is None  # each bad sample reported once
+
+
 def sorted_shards(tmp_path: Path, classes: int = 6, per_class: int = 10) -> Manifest:
     """One class per shard, as an ImageFolder written class by class elsewhere."""
     from data_tools.writer import ShardJob, SourceSample, write_shard
@@ -368,6 +384,10 @@ def test_auto_keeps_the_order_a_resumed_run_started_with(uneven) -> None:
     assert adopting.order.orders == ("window",)  # what auto chooses for these shards
     adopting.load_state_dict(state)
     assert adopting.order.orders == ("global",)
+    assert adopting.order_notes == [
+        "train: global order kept from the checkpoint (auto would choose window for this run's "
+        "batch sizes)"
+    ]
     with pytest.raises(ValueError, match="sample order global"):
         loader(uneven, BatchPlan(4, 2, 0, 1), order="window").load_state_dict(state)
 

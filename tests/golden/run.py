@@ -1,6 +1,6 @@
 """One golden-curve run: the debug model on the demo digits, one process, every step's loss.
 
-    python tests/golden/run.py DATA OUT --seed S [--break WHAT]
+    python tests/golden/run.py DATA OUT --seed S [--break WHAT] [section.key=value ...]
 
 DATA holds the demo shards (`python -m data_tools.make_demo --out DATA`); OUT receives the run
 folder and `losses.json`. The recipe is the demo's (configs/demo.yaml: AdamW 1e-3, weight decay
@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--break", dest="broken", choices=BREAKS)
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="more config overrides (other tests)")
+    args = parser.parse_intermixed_args()
     if args.broken:
         plant(args.broken)
     import torch.distributed as dist
@@ -84,7 +85,7 @@ def main() -> None:
     from launch.pretrain import main as pretrain
 
     try:
-        pretrain(overrides(args.data, args.out, args.seed))
+        pretrain(overrides(args.data, args.out, args.seed) + args.overrides)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

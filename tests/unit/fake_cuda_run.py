@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 import coatnet_scale.train as training
 from coatnet_scale.cli import config_parser, parse_config_args
+from coatnet_scale.distributed.env import free_port
 from coatnet_scale.ema import BufferEma
 from tests.distributed.scenarios import debug_run
 
@@ -101,9 +101,7 @@ class CudaOnCpu(TorchFunctionMode):
 
 def main() -> None:
     out, data = Path(sys.argv[1]), sys.argv[2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(
         RANK="0",
         WORLD_SIZE="1",

@@ -67,3 +67,34 @@ def test_the_debug_model_learns_the_demo_along_the_golden_curve(
 def test_the_band_catches_a_broken_schedule(demo_data: Path, tmp_path: Path, broken: str) -> None:
     """The negative control: a planted regression (tests/golden/run.py --break) fails the band."""
     assert outside(run_curve(demo_data, tmp_path, seed=0, broken=broken))
+
+
+def test_bad_samples_of_a_run_are_named_summarised_and_in_the_metrics(
+    demo_data: Path, tmp_path: Path
+) -> None:
+    """One of the six train shards overwritten with garbage (its 256 samples bad): the run
+    names the first 20, summarises the rest per log interval, counts them in metrics.jsonl and
+    goes on (data.max_bad_fraction=0.5)."""
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "demo"
+    shutil.copytree(demo_data, data)
+    (data / "train-000002.tar").write_bytes(b"x" * 4096)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "tests/golden/run.py", str(data), str(out), "--seed", "0"]
+        + ["train.total_steps=16", "schedule.warmup_steps=2", "logging.log_every=8"]
+        + ["data.max_bad_fraction=0.5"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    log = proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").open()]
+    counts = [r["bad_samples"] for r in records if "bad_samples" in r]
+    assert len(counts) == 2 and 20 < counts[0] <= counts[1] < 16 * 64
+    assert "bad sample 20: " in log and "bad sample 21: " not in log
+    assert "train-000002.tar" in log and "cannot open the shard" in log
+    assert "more bad sample(s) on this rank" in log

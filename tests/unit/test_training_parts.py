@@ -5,6 +5,7 @@ import json
 import math
 import random
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,12 @@ def test_rank_discovery_for_each_launcher() -> None:
     assert (e.rank, e.local_rank, e.world_size, e.local_world_size) == (5, 1, 8, 4)
     assert e.master_addr == "gpu12" and e.master_port == slurm_port("987654")
     assert e.export()["RANK"] == "5" and e.launcher == "slurm"
-    assert dist_env({}).world_size == 1
+    single = dist_env({})
+    assert single.world_size == 1 and single.launcher == "single"
+    # no launcher: a port free now, not a fixed 29500 that a launcher's job may hold
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", single.master_port))
+    assert dist_env({"MASTER_PORT": "29511"}).master_port == 29511
     assert first_slurm_host("n1,n2") == "n1" and first_slurm_host("a[3,5-7]") == "a3"
 
 
