@@ -6,6 +6,7 @@ from label histograms."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,25 @@ def test_the_mix_counts_agree_with_slot_by_slot_locations() -> None:
         assert got == list(range(len(got)))  # each source's slots in order, none skipped
     shares = np.array([seen[s] for s in range(3)]) / 12_000
     np.testing.assert_allclose(shares, np.array([5.0, 0.3, 2.0]) / 7.3, atol=2 / 12_000)
+
+
+def test_the_order_math_does_no_io() -> None:
+    """order.py stays pure (no files, no processes, no torch): what it imports, it computes with."""
+    import ast
+
+    import coatnet_scale.data.order as order
+
+    tree = ast.parse(Path(order.__file__).read_text())
+    imported = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    pure = {"__future__", "collections", "dataclasses", "functools", "math", "numpy", "typing"}
+    assert imported <= pure | {"coatnet_scale"}
+    assert {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("coatnet_scale")
+    } <= {"coatnet_scale.seeding"}

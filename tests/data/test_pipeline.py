@@ -415,3 +415,24 @@ def test_a_bug_in_our_decoding_propagates_instead_of_counting_as_bad_data(
     monkeypatch.setattr(pipeline, "decode_train", broken)
     with pytest.raises(ZeroDivisionError, match="our arithmetic"):
         next(iter(loader(uneven, BatchPlan(4, 4, 0, 1))))
+
+
+def test_sources_mixed_by_size_from_manifests_give_a_small_one_its_share(tmp_path: Path) -> None:
+    """The config's default weights (each source's size) through manifests, as a run reads
+    them: 14M images in 140 shards and 5k in 5. The small source gets 5k / (14M + 5k) of every
+    window of slots, anywhere in the order, within one sample (never 0, as rounding the
+    weights to 1/1000 gave)."""
+    from coatnet_scale.data.shards import ShardInfo
+
+    specs = []
+    for name, shards, per_shard in (("big", 140, 100_000), ("small", 5, 1000)):
+        infos = [ShardInfo(str(tmp_path / f"{name}-{i:06d}.tar"), per_shard) for i in range(shards)]
+        write_manifest(tmp_path / f"{name}.json", name, infos, ["a", "b"])
+        specs.append(str(tmp_path / f"{name}.json"))
+    cfg = load_config(overrides=[f"data.train_shards=[{','.join(specs)}]", "data.order=window"])
+    ld = build_train_loader(cfg.data, 16, BatchPlan(4096, 64, 0, 64), seed=3)
+    share = 5e3 / (14e6 + 5e3)
+    consumed = ld.order.mix.consumed
+    for start in (0, 123_457, 9_876_543):
+        for n in (1_000_000, 10_000_000):
+            assert abs(consumed(start + n, 1) - consumed(start, 1) - n * share) <= 1
