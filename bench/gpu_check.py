@@ -69,8 +69,12 @@ class Report:
         self.started = time.perf_counter()
 
     def run(self, name: str, check: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-        if remaining() < 20:
-            self.skip(name, "out of time (--deadline-s)")
+        if remaining() < 20:  # a check not run is not a check passed
+            print(f"gpu-check: {name}: failed (not run: out of time, --deadline-s)", flush=True)
+            self.checks.append(
+                {"name": name, "status": "failed", "error": "not run: out of time (--deadline-s)"}
+            )
+            self.write()
             return None
         start = time.perf_counter()
         print(f"gpu-check: {name} ...", flush=True)
@@ -153,6 +157,8 @@ def markdown(data: dict[str, Any]) -> str:
         for key, value in figures.items():
             if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
                 out += ["", f"{key}:", "", *_table(value)]
+            elif isinstance(value, list):
+                out += ["", f"{key}:", "", *(f"- {_cell(v)}" for v in value)]
             elif isinstance(value, dict):
                 rows = [
                     {"": k, **v} if isinstance(v, dict) else {"": k, "value": v}
@@ -196,6 +202,8 @@ def environment(rehearsal: bool) -> dict[str, Any]:
         timeout=60,
     )
     figures["nvidia_smi"] = smi.stdout.strip().splitlines() or smi.stderr.strip()
+    if smi.returncode == 0 and figures["nvidia_smi"]:
+        figures["driver"] = figures["nvidia_smi"][0].split(",")[2].strip()
     figures["devices"] = [
         {
             "index": i,
@@ -437,6 +445,10 @@ def train_run(
         raise
     seconds = time.perf_counter() - start
     log.write_text(output)
+    from coatnet_scale.distributed.device import describe_rank
+
+    for rank in json.loads((run_dir / "ranks.json").read_text()):
+        print(f"  {describe_rank(rank)}", flush=True)  # device, CPU affinity, free memory
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_logged = [r for r in records if "loss" in r]
     losses = [r["loss"] for r in steps_logged]
@@ -606,6 +618,24 @@ def planner_check(rehearsal: bool) -> dict[str, Any]:
 # ---- the sequence -----------------------------------------------------------------------------
 
 
+def cuda_tests(rehearsal: bool) -> dict[str, Any]:
+    """The test suite's CUDA-only tests (`pytest -m cuda`), which skip everywhere else."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=max(30.0, min(300.0, remaining() - 10)),
+    )
+    summary = (proc.stdout.strip().splitlines() or [proc.stderr.strip()])[-1]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", summary)}
+    if proc.returncode not in (0, 5) or counts.get("failed") or counts.get("error"):
+        raise CheckFailed(f"pytest -m cuda: {summary} | {proc.stdout[-1500:]}")
+    if not rehearsal and not counts.get("passed"):
+        raise CheckFailed(f"pytest -m cuda ran nothing on a CUDA machine: {summary}")
+    return counts | {"summary": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_check")
@@ -693,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.run("model step bf16 (ours vs timm)", lambda: model_step(rehearsal))
     report.run("planner --check bf16", lambda: planner_check(rehearsal))
+    report.run("tests marked cuda", lambda: cuda_tests(rehearsal))
 
     if ranks < 2:
         report.skip(

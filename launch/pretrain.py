@@ -20,6 +20,7 @@ from coatnet_scale.cli import config_parser, parse_config_args
 from coatnet_scale.config import Config
 from coatnet_scale.distributed.env import dist_env
 from coatnet_scale.preflight import setup_problems
+from coatnet_scale.stop import EXIT_SETUP
 
 
 def plan_text(cfg: Config, world: int) -> str:
@@ -83,14 +84,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
                 print(plan_text(cfg, args.world_size or env.world_size))
             except ValueError as err:
                 print(f"config error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
+                raise SystemExit(EXIT_SETUP) from None
         return None
     # Before the process group and before any file: every rank checks, rank 0 says what is wrong.
     problems = setup_problems(cfg, env.world_size)
     if problems:
         if env.is_main:
             print("\n".join(f"config error: {p}" for p in problems), file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(EXIT_SETUP)
     if cfg.distributed.device == "cpu":
         # DeepSpeed picks its accelerator when first asked (CUDA wherever torch sees a GPU):
         # the CPU on purpose means its CPU accelerator, and no GPU for anything else either.
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         return train(cfg)
     except DeviceError as err:  # the machine, not the code: one line saying what to change
         print(f"device error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_SETUP) from None
 
 
 if __name__ == "__main__":

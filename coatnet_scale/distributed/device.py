@@ -129,12 +129,15 @@ def configure_cuda_math(tf32: bool) -> None:
     """TF32 for fp32 matmuls and cuDNN (`precision.tf32`) and cuDNN's autotuner (input shapes are
     fixed for a run, so the first step's search pays off).
 
-    Each flag is set through the API its readers use, because torch refuses to read a flag set
-    through the other one: cuBLAS through `fp32_precision` (inductor reads that), cuDNN through
-    `allow_tf32` (inductor's convolution templates read that; torch 2.14)."""
+    torch refuses to read a flag through one API when it was set through the other, and its
+    readers use both (torch 2.14): `set_float32_matmul_precision` sets cuBLAS's flag in both the
+    legacy and the new API, so `get_float32_matmul_precision` (inductor's autotuning cache key)
+    and `matmul.fp32_precision` (inductor's GEMMs) both read it; setting only
+    `matmul.fp32_precision` made the former raise. cuDNN through `allow_tf32` (inductor's
+    convolution templates read that)."""
     if not torch.cuda.is_available():
         return
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
 

@@ -204,6 +204,17 @@ def discard_setup_step(engine, optimizer: torch.optim.Optimizer) -> None:
     optimizer.state.clear()
 
 
+def overflow_at_min_scale_skips(engine) -> None:
+    """fp16 on ZeRO 1-3: an overflow at `precision.min_loss_scale` is one more skipped step,
+    which the step guard counts towards `train.max_nonfinite_steps` (then stops the run with
+    what to change), as on ZeRO-0. DeepSpeed's DynamicLossScaler raises a bare Exception there
+    instead ("Current loss scale already at minimum", `raise_error_at_min_scale`, which its
+    config does not expose; DeepSpeed 0.19.8, runtime/fp16/loss_scaler.py)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
+        scaler.raise_error_at_min_scale = False
+
+
 def build_engine(model: CoAtNet, cfg: Config, ds_config: dict):
     """Wrap the model: checkpointing policy, optional compile, then deepspeed.initialize."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing.checkpointed_stages())
@@ -219,6 +230,7 @@ def build_engine(model: CoAtNet, cfg: Config, ds_config: dict):
         optimizer = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     discard_setup_step(engine, optimizer)
+    overflow_at_min_scale_skips(engine)
     optimizer.ema_decay = cfg.train.ema_decay  # from the first training step on
     fp32_batchnorm_statistics(engine.module)  # before compile: see the function
     if cfg.train.compile:

@@ -47,7 +47,7 @@ from coatnet_scale.cli import config_parser, parse_config_args
 from coatnet_scale.config import Config, TrainConfig
 from coatnet_scale.distributed.env import expand_nodelist
 from coatnet_scale.preflight import setup_problems
-from coatnet_scale.stop import EXIT_STOPPED
+from coatnet_scale.stop import EXIT_SETUP, EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"
@@ -108,6 +108,13 @@ def decide(
         return Decision(False, f"training finished (checkpoint at step {step})")
     if returncode in (0, EXIT_STOPPED):
         why = f"the tasks stopped after a checkpoint at step {step} (a stop signal)"
+    elif returncode == EXIT_SETUP:
+        return Decision(
+            False,
+            f"the tasks could not start (exit code {EXIT_SETUP}: the 'config error' or 'device "
+            "error' lines above say what to change); not requeueing: the same job would fail "
+            "the same way",
+        )
     else:
         why = (
             f"the training step failed (exit code {returncode}; srun's 'task N' error lines "
@@ -154,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("not inside a SLURM job: submit launch/slurm/pretrain.sbatch with sbatch")
         return 2
     problems = setup_problems(cfg, allocation_tasks(env))
-    if problems:  # exit 2 without srun: nothing to requeue, the job fails at once
+    if problems:  # EXIT_SETUP without srun: nothing to requeue, the job fails at once
         for problem in problems:
             log(f"config error: {problem}")
         return 2

@@ -59,4 +59,19 @@ def test_the_sequence_rehearsed_on_the_cpu_reports_every_check(tmp_path: Path) -
     assert ok["ema resume"]["val_ema_top1"] >= 0
     assert [r["device"] for r in ok["debug bf16"]["rank_report"]] == ["cpu", "cpu"]
     assert len(ok["planner --check bf16"]["policies"]) == 6
-    assert "| check | status |" in (tmp_path / "report.md").read_text()
+    tests = ok["tests marked cuda"]  # run, and skipped here with the reason
+    assert tests["skipped"] >= 6 and not tests.get("passed") and not tests.get("failed")
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| check | status |" in markdown
+    assert "losses:" in markdown  # lists of plain values are in the markdown too
+    # each rank's device, CPU affinity and free memory on the console
+    assert "rank 0 on " in proc.stdout and "rank 1 on " in proc.stdout
+
+
+def test_checks_that_run_out_of_time_fail_the_run(tmp_path: Path) -> None:
+    proc = gpu_check("--rehearse", "--out", str(tmp_path), "--deadline-s", "5", timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    not_run = [c for c in report["checks"] if "out of time" in c.get("error", "")]
+    assert not_run and all(c["status"] == "failed" for c in not_run)
+    assert "gpu-check: FAILED: environment" in proc.stdout

@@ -40,11 +40,26 @@ class FakeNode:
         self.current = 0
         self.set_device_calls: list[int] = []
         self.rng_restored_on: list[int] = []  # the current device at each CUDA RNG restore
+        self.memory_asked_on: list[int] = []  # the device of each memory query
 
     def set_device(self, device) -> None:
         index = device if isinstance(device, int) else torch.device(device).index
         self.set_device_calls.append(index)
         self.current = index
+
+    def memory_query(self, answer):
+        """A torch.cuda memory function that records the device it was asked about."""
+
+        def query(device=None):
+            if isinstance(device, int):
+                asked = device
+            else:
+                index = None if device is None else torch.device(device).index
+                asked = self.current if index is None else index
+            self.memory_asked_on.append(asked)
+            return answer()
+
+        return query
 
     def install(self) -> None:
         cuda = torch.cuda
@@ -57,10 +72,10 @@ class FakeNode:
         cuda.get_device_properties = lambda device=None: SimpleNamespace(
             name="Fake GPU", uuid=f"GPU-fake-{torch.device(device).index}", total_memory=80 * GIB
         )
-        cuda.mem_get_info = lambda device=None: (70 * GIB, 80 * GIB)
+        cuda.mem_get_info = self.memory_query(lambda: (70 * GIB, 80 * GIB))
         for name in ("max_memory_allocated", "memory_reserved", "max_memory_reserved"):
-            setattr(cuda, name, lambda device=None: GIB)
-        cuda.reset_peak_memory_stats = lambda device=None: None
+            setattr(cuda, name, self.memory_query(lambda: GIB))
+        cuda.reset_peak_memory_stats = self.memory_query(lambda: None)
         cuda.synchronize = lambda device=None: None
         # torch's own optimizers ask the accelerator API for CUDA-graph capture: no accelerator
         torch.accelerator.current_accelerator = lambda check_available=False: None
@@ -74,6 +89,7 @@ class CudaOnCpu(TorchFunctionMode):
         super().__init__()
         self.node = node
         self.requested: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()  # what asked: "to" (blocking or not), factories
 
     def _redirect(self, value):
         if isinstance(value, str) and value.startswith("cuda"):
@@ -86,10 +102,17 @@ class CudaOnCpu(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        before = sum(self.requested.values())
         if "device" in kwargs:
             kwargs["device"] = self._redirect(kwargs["device"])
         if func is torch.Tensor.to:
             args = tuple(self._redirect(a) for a in args)
+            if sum(self.requested.values()) > before:
+                blocking = "non_blocking" if kwargs.get("non_blocking") else "blocking"
+                self.calls[f"to {blocking}"] += 1
+                before = sum(self.requested.values())
+        if sum(self.requested.values()) > before:
+            self.calls[getattr(func, "__name__", str(func))] += 1
         if func is torch.Tensor.cuda:
             index = args[1] if len(args) > 1 else kwargs.get("device")
             self._redirect(torch.device("cuda", index) if isinstance(index, int) else "cuda")
@@ -113,7 +136,12 @@ def main() -> None:
     node = FakeNode(8)
     node.install()
     mode = CudaOnCpu(node)
-    report: dict = {"current_at_init": [], "local_rank_at_init": [], "ema_load_requests": []}
+    report: dict = {
+        "current_at_init": [],
+        "local_rank_at_init": [],
+        "ema_load_requests": [],
+        "step_calls": [],
+    }
 
     original_init = deepspeed.init_distributed
 
@@ -142,6 +170,18 @@ def main() -> None:
 
     BufferEma.load = load
 
+    original_step = training.MicroBatches.step
+
+    def step(self, *args, **kwargs):
+        before = Counter(mode.calls)
+        result = original_step(self, *args, **kwargs)
+        report["step_calls"].append(
+            {"micro_batches": self.plan.accumulation, **(mode.calls - before)}
+        )
+        return result
+
+    training.MicroBatches.step = step
+
     micro_batches = 0
     for steps in (2, 3):  # the second run resumes the first from its step-2 checkpoint
         overrides = [
@@ -159,6 +199,7 @@ def main() -> None:
         "set_device": node.set_device_calls,
         "cuda_rng_restored_on": node.rng_restored_on,
         "requested": dict(mode.requested),
+        "memory_asked_on": node.memory_asked_on,
         "train_micro_batches": micro_batches,
         "ranks": json.loads((out / "run" / "ranks.json").read_text()),
     }

@@ -224,3 +224,22 @@ def test_a_rank_confined_to_one_cpu_is_warned_about() -> None:
     assert "rank(s) 1 may use 1 CPU" in cpu_starvation(reports, loader_workers=4)
     assert cpu_starvation(reports, loader_workers=0) is None
     assert cpu_starvation(reports[:1], loader_workers=4) is None
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_is_set_so_that_every_reader_of_the_flag_can_read_it(monkeypatch, tf32) -> None:
+    """precision.tf32 on a GPU: cuBLAS and cuDNN take TF32 (or not), and both of torch's APIs
+    read the matmul flag back (inductor reads the legacy one when autotuning; setting only the
+    new one made it raise "mix of the legacy and new APIs")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        dev.configure_cuda_math(tf32)
+        assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+        assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if tf32 else "ieee")
+        assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+        torch.backends.cudnn.benchmark = benchmark

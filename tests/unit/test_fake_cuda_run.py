@@ -46,6 +46,23 @@ def test_no_tensor_of_the_loop_is_asked_for_on_another_gpu(report) -> None:
     assert requested["cuda:5"] >= 3 * report["train_micro_batches"]
 
 
+def test_a_training_step_copies_its_batches_without_waiting_and_builds_no_constants(
+    report,
+) -> None:
+    """Inside an optimizer step the device is asked for exactly the batch's images, labels and
+    valid mask of each micro-batch, each a non-blocking copy; the normalisation constants are
+    not rebuilt (`torch.tensor(..., device=)`) and nothing waits on a blocking copy."""
+    steps = report["step_calls"]
+    assert len(steps) == 3  # 2 steps, then 1 more after the resume
+    for calls in steps:
+        micro = calls.pop("micro_batches")
+        assert calls == {"to non_blocking": 3 * micro}, calls
+
+
+def test_memory_is_read_on_the_ranks_gpu(report) -> None:
+    assert report["memory_asked_on"] and set(report["memory_asked_on"]) == {5}
+
+
 def test_the_restored_ema_and_rng_land_on_the_ranks_gpu(report) -> None:
     [(moved, tensors)] = report["ema_load_requests"]  # the second run resumed with EMA
     assert tensors > 0 and moved == tensors

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from coatnet_scale.config import load_config
 from coatnet_scale.distributed import slurm
-from coatnet_scale.stop import EXIT_STOPPED
+from coatnet_scale.stop import EXIT_SETUP, EXIT_STOPPED
 
 
 def test_a_run_whose_checkpoint_reached_the_last_step_is_finished() -> None:
@@ -25,6 +25,13 @@ def test_stopped_and_failed_steps_requeue_until_the_limit() -> None:
     exhausted = slurm.decide(0, step=40, total_steps=100, restarts=3, max_requeues=3)
     assert not exhausted.requeue and "distributed.max_requeues=3" in exhausted.message
     assert not slurm.decide(1, step=0, total_steps=100, restarts=0, max_requeues=0).requeue
+
+
+def test_tasks_that_could_not_start_are_not_requeued() -> None:
+    """A device error or a config error (exit 2 from every task) fails the same way again:
+    requeueing it up to distributed.max_requeues times only burns allocations."""
+    decision = slurm.decide(EXIT_SETUP, step=40, total_steps=100, restarts=0, max_requeues=10)
+    assert not decision.requeue and "could not start" in decision.message
 
 
 def test_progress_comes_from_the_newest_complete_checkpoint(tmp_path) -> None:

@@ -274,6 +274,26 @@ def test_fp16_calibration_skips_are_counted_apart_and_never_stop_the_run() -> No
     assert guard.observe(3.0, 1.0, True, None) == "applied" and guard.in_a_row == 0
 
 
+def test_an_fp16_overflow_at_the_minimum_scale_is_a_skipped_step_on_zero_1_to_3(
+    monkeypatch,
+) -> None:
+    """DeepSpeed's ZeRO 1-3 loss scaler raises a bare Exception on an overflow at the minimum
+    scale; after our engine set-up it skips the step like ZeRO-0, and the guard counts it."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    from coatnet_scale.distributed.engine import overflow_at_min_scale_skips
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 1)
+    scaler = loss_scaler.DynamicLossScaler(1.0, 1000, 1.0, 1, False)  # DeepSpeed's defaults
+    with pytest.raises(Exception, match="already at minimum"):
+        scaler.update_scale(True)
+    overflow_at_min_scale_skips(SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler)))
+    scaler.update_scale(True)
+    assert scaler.cur_scale == 1.0
+
+
 def test_nonfinite_steps_in_a_row_stop_the_run() -> None:
     guard = StepGuard(max_in_a_row=3, min_loss_scale=1.0)
     for _ in range(2):
