@@ -90,4 +90,25 @@ def setup_problems(cfg: Config, world_size: int) -> list[str]:
     init_from = cfg.checkpoint.init_from
     if init_from and not Path(init_from).exists():
         problems.append(f"checkpoint.init_from={init_from}: no such file or folder")
+    if cfg.checkpoint.init_ema and not init_from:
+        problems.append(
+            "checkpoint.init_ema=true takes the EMA weights of checkpoint.init_from, which is not "
+            "set; set both, or init_ema=false"
+        )
+    problems.append(precision_problem(cfg))
     return [p for p in problems if p]
+
+
+def precision_problem(cfg: Config) -> str | None:
+    """fp16 runs on GPUs only: DeepSpeed's CPU accelerator refuses it, late, with a traceback."""
+    if cfg.precision.dtype != "fp16":
+        return None
+    if cfg.distributed.device == "cpu":
+        on = "distributed.device=cpu"
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+        on = "this machine (no usable CUDA device)"
+    return f"precision.dtype=fp16 needs GPUs and runs on {on}; use bf16 or fp32 on CPUs"

@@ -50,6 +50,14 @@ def test_each_setup_error_is_one_line_naming_its_key(manifest: Path, tmp_path: P
             [ok, f"checkpoint.init_from={tmp_path}/w.safetensors"],
             2,
         ),
+        "checkpoint.init_ema=true takes the EMA weights of checkpoint.init_from": (
+            [ok, "checkpoint.init_ema=true"],
+            2,
+        ),
+        "precision.dtype=fp16 needs GPUs and runs on distributed.device=cpu": (
+            [ok, "precision.dtype=fp16", "distributed.device=cpu"],
+            2,
+        ),
     }
     for expected, (overrides, world) in cases.items():
         found = problems(*overrides, world=world)
