@@ -44,8 +44,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from coatnet_scale.distributed.env import free_port  # noqa: E402  (stdlib only)
-
 TRAIN_TIMEOUT_S = 240
 DEADLINE = [float("inf")]  # monotonic time by which every check must be over (--deadline-s)
 
@@ -401,6 +399,8 @@ def launcher(ranks: int) -> list[str]:
         if deepspeed.is_file()
         else [sys.executable, "-m", "deepspeed.launcher.runner"]
     )
+    from coatnet_scale.distributed.env import free_port
+
     return [*command, *gpus, "--master_port", str(free_port())]
 
 

@@ -83,3 +83,16 @@ class StepGuard:
                 f"train.max_nonfinite_steps={self.max_in_a_row}); lower optim.lr, raise "
                 "optim.grad_clip, or resume from an earlier checkpoint"
             )
+
+
+def overflow_at_min_scale_skips(engine) -> None:
+    """fp16 on ZeRO 1-3: an overflow at `precision.min_loss_scale` is one more skipped step,
+    which the step guard counts towards `train.max_nonfinite_steps` (then stops the run with
+    what to change), as on ZeRO-0. DeepSpeed's DynamicLossScaler raises a bare Exception there
+    instead ("Current loss scale already at minimum", `raise_error_at_min_scale`, which its
+    config does not expose; DeepSpeed 0.19.8, runtime/fp16/loss_scaler.py). Called after
+    `deepspeed.initialize` and again after a checkpoint load, which replaces the scaler with the
+    pickled one."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
+        scaler.raise_error_at_min_scale = False

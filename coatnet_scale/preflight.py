@@ -61,8 +61,10 @@ def shard_source_problem(key: str, spec: str) -> str | None:
     return None
 
 
-def setup_problems(cfg: Config, world_size: int) -> list[str]:
-    """Every problem found, one line each (empty: the run can start)."""
+def setup_problems(cfg: Config, world_size: int, on_rank_host: bool = True) -> list[str]:
+    """Every problem found, one line each (empty: the run can start). `on_rank_host`: this
+    process runs where a rank will (launcher), so it may ask whether CUDA is usable here; the
+    SLURM batch step may not see the tasks' GPUs and checks the config only."""
     problems = []
     try:
         gradient_accumulation(cfg, world_size)
@@ -95,16 +97,18 @@ def setup_problems(cfg: Config, world_size: int) -> list[str]:
             "checkpoint.init_ema=true takes the EMA weights of checkpoint.init_from, which is not "
             "set; set both, or init_ema=false"
         )
-    problems.append(precision_problem(cfg))
+    problems.append(precision_problem(cfg, on_rank_host))
     return [p for p in problems if p]
 
 
-def precision_problem(cfg: Config) -> str | None:
+def precision_problem(cfg: Config, probe_cuda: bool) -> str | None:
     """fp16 runs on GPUs only: DeepSpeed's CPU accelerator refuses it, late, with a traceback."""
     if cfg.precision.dtype != "fp16":
         return None
     if cfg.distributed.device == "cpu":
         on = "distributed.device=cpu"
+    elif not probe_cuda:
+        return None
     else:
         import torch
 

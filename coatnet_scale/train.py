@@ -31,7 +31,7 @@ from coatnet_scale.data.pipeline import (
     build_train_loader,
 )
 from coatnet_scale.data.transforms import Normalizer, build_mixup
-from coatnet_scale.distributed.collectives import global_mean, global_sum, largest
+from coatnet_scale.distributed.collectives import gather, global_mean, global_sum, largest
 from coatnet_scale.distributed.device import (
     DeviceBinding,
     DeviceError,
@@ -72,8 +72,7 @@ def report_ranks(
     """Every rank's host, device, CPU affinity and free memory, gathered on rank 0: written to
     RUN/ranks.json and shown (a summary for large jobs). Two ranks on one GPU stop the run; a
     rank confined to one CPU while it has loader workers is warned about."""
-    reports: list[dict] = [{}] * dist.get_world_size()
-    dist.all_gather_object(reports, rank_report(rank, binding))
+    reports = gather(rank_report(rank, binding))
     check_distinct_devices(reports)
     if rank != 0:
         return

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
+from coatnet_scale.distributed.collectives import gather, rank_world
 from coatnet_scale.files import sha256_file
 
 FORMAT = 1
@@ -82,39 +81,6 @@ def checkpoint_root(run_dir: Path) -> Path:
 def checkpoints_in(path: Path) -> Path:
     """The folder holding `stepN` checkpoints, given a run folder or that folder itself."""
     return checkpoint_root(path) if checkpoint_root(path).is_dir() else path
-
-
-# ---- ranks ---------------------------------------------------------------------------------
-
-
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    if rank_world()[1] > 1:
-        dist.barrier()
-
-
-def from_rank0(value: Any) -> Any:
-    """Rank 0's `value` on every rank."""
-    if rank_world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather(value: Any) -> list[Any]:
-    """Every rank's `value`, in rank order, on every rank."""
-    world = rank_world()[1]
-    if world == 1:
-        return [value]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, value)
-    return out
 
 
 # ---- manifest and verification -------------------------------------------------------------

@@ -24,19 +24,18 @@ from coatnet_scale.checkpoint.layout import (
     UNIVERSAL,
     CheckpointError,
     Log,
-    barrier,
     checkpoint_root,
     checkpoint_step,
     checkpoints_in,
-    from_rank0,
     list_checkpoints,
-    rank_world,
     verify_on_ranks,
 )
 from coatnet_scale.checkpoint.save import point_latest, recover
 from coatnet_scale.checkpoint.state import TrainerState, set_rng_state
 from coatnet_scale.config import CheckpointConfig, Config, to_dict
+from coatnet_scale.distributed.collectives import barrier, from_rank0, rank_world
 from coatnet_scale.files import free_name, fsync_dir, remove_tree
+from coatnet_scale.guard import overflow_at_min_scale_skips
 from coatnet_scale.seeding import seed_for, seed_rank_streams
 
 if TYPE_CHECKING:
@@ -229,6 +228,7 @@ def load(engine, plan: LoadPlan) -> None:
     path, _ = engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_module_strict=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
+    overflow_at_min_scale_skips(engine)  # the loaded fp16 scaler replaced ours
     if plan.universal:
         for group, own in zip(engine.optimizer.param_groups, groups, strict=True):
             group.update(own)

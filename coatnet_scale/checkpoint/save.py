@@ -20,18 +20,15 @@ from coatnet_scale.checkpoint.layout import (
     TRAINER_STATE,
     UNIVERSAL_INFO,
     Log,
-    barrier,
     checkpoint_step,
     files_under,
-    from_rank0,
-    gather,
     list_checkpoints,
-    rank_world,
     read_manifest,
     step_name,
     verify,
 )
 from coatnet_scale.checkpoint.state import TrainerState, rng_state
+from coatnet_scale.distributed.collectives import barrier, from_rank0, gather, rank_world
 from coatnet_scale.files import atomic_write_text, free_name, fsync_dir, remove_tree, sha256_file
 
 

@@ -1,7 +1,13 @@
-"""The few small all-reduces the training loop agrees through. Every tensor lives on the rank's
-bound device: NCCL reduces only device tensors, and one on another GPU would run there."""
+"""The small collectives the trainer and the checkpoints agree through.
+
+Tensor reductions (`largest`, `global_mean`, `global_sum`) take tensors on the rank's bound
+device: NCCL reduces only device tensors, and one on another GPU would run there. The object
+collectives (`barrier`, `from_rank0`, `gather`) also work without a process group (one rank),
+as the checkpoint tools run outside training too."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,3 +33,33 @@ def global_sum(value: float, device: torch.device) -> float:
     total = torch.tensor([float(value)], device=device)
     dist.all_reduce(total)
     return total.item()
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if rank_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    world = rank_world()[1]
+    if world == 1:
+        return [value]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out

@@ -137,7 +137,9 @@ def configure_cuda_math(tf32: bool) -> None:
     convolution templates read that)."""
     if not torch.cuda.is_available():
         return
+    cpu_matmuls = torch.backends.mkldnn.matmul.fp32_precision
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.mkldnn.matmul.fp32_precision = cpu_matmuls  # it sets oneDNN's (CPU) too
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
 

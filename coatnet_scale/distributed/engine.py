@@ -24,6 +24,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from coatnet_scale.config import Config, fp32_gradient_accumulation
 from coatnet_scale.distributed.device import DeviceBinding, bind_device, configure_cuda_math
 from coatnet_scale.distributed.env import DistEnv
+from coatnet_scale.guard import overflow_at_min_scale_skips
 from coatnet_scale.models import CoAtNet, ModelConfig, adapt_state_dict, build_model
 from coatnet_scale.models.layers import fp32_batchnorm_statistics, init_module_
 from coatnet_scale.optim import MasterWeightEma, build_optimizer, param_groups
@@ -202,17 +203,6 @@ def discard_setup_step(engine, optimizer: torch.optim.Optimizer) -> None:
             for weight, master in zip(low, high, strict=True):
                 master.copy_(weight)
     optimizer.state.clear()
-
-
-def overflow_at_min_scale_skips(engine) -> None:
-    """fp16 on ZeRO 1-3: an overflow at `precision.min_loss_scale` is one more skipped step,
-    which the step guard counts towards `train.max_nonfinite_steps` (then stops the run with
-    what to change), as on ZeRO-0. DeepSpeed's DynamicLossScaler raises a bare Exception there
-    instead ("Current loss scale already at minimum", `raise_error_at_min_scale`, which its
-    config does not expose; DeepSpeed 0.19.8, runtime/fp16/loss_scaler.py)."""
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
-        scaler.raise_error_at_min_scale = False
 
 
 def build_engine(model: CoAtNet, cfg: Config, ds_config: dict):

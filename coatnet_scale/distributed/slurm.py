@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "SLURM_JOB_ID" not in env:
         log("not inside a SLURM job: submit launch/slurm/pretrain.sbatch with sbatch")
         return 2
-    problems = setup_problems(cfg, allocation_tasks(env))
+    problems = setup_problems(cfg, allocation_tasks(env), on_rank_host=False)
     if problems:  # EXIT_SETUP without srun: nothing to requeue, the job fails at once
         for problem in problems:
             log(f"config error: {problem}")

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# The golden curve is a CPU curve: decided before anything imports DeepSpeed, which fixes its
+# accelerator on first import (--break imports the trainer before the entry point would set it)
+os.environ["DS_ACCELERATOR"] = "cpu"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 STEPS = 120
 BREAKS = ("constant_lr", "no_warmup", "decay_all")

@@ -232,14 +232,20 @@ def test_tf32_is_set_so_that_every_reader_of_the_flag_can_read_it(monkeypatch, t
     read the matmul flag back (inductor reads the legacy one when autotuning; setting only the
     new one made it raise "mix of the legacy and new APIs")."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    before = (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.mkldnn.matmul.fp32_precision,
+    )
     benchmark = torch.backends.cudnn.benchmark
     try:
         dev.configure_cuda_math(tf32)
         assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
         assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if tf32 else "ieee")
         assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cudnn.benchmark
+        assert torch.backends.mkldnn.matmul.fp32_precision == before[2]  # the CPU's untouched
     finally:
         torch.set_float32_matmul_precision(before[0])
+        torch.backends.mkldnn.matmul.fp32_precision = before[2]
         torch.backends.cudnn.allow_tf32 = before[1]
         torch.backends.cudnn.benchmark = benchmark

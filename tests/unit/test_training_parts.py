@@ -283,7 +283,7 @@ def test_an_fp16_overflow_at_the_minimum_scale_is_a_skipped_step_on_zero_1_to_3(
 
     from deepspeed.runtime.fp16 import loss_scaler
 
-    from coatnet_scale.distributed.engine import overflow_at_min_scale_skips
+    from coatnet_scale.guard import overflow_at_min_scale_skips
 
     monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 1)
     scaler = loss_scaler.DynamicLossScaler(1.0, 1000, 1.0, 1, False)  # DeepSpeed's defaults
