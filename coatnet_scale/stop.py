@@ -15,12 +15,6 @@ import signal
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-# Exit code of a run that stopped on request after committing a checkpoint: "try again later"
-# (EX_TEMPFAIL in sysexits.h). The SLURM job requeues on it (distributed/slurm.py).
-EXIT_STOPPED = 75
-# Exit code of a run that could not start as configured: a config error, missing data, a device
-# torch cannot use. The same command fails the same way, so the SLURM job does not requeue it.
-EXIT_SETUP = 2
 
 
 class StopRequest:

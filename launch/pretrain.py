@@ -19,8 +19,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from coatnet_scale.cli import config_parser, parse_config_args
 from coatnet_scale.config import Config
 from coatnet_scale.distributed.env import dist_env
+from coatnet_scale.exits import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_SETUP
 from coatnet_scale.preflight import setup_problems
-from coatnet_scale.stop import EXIT_SETUP
 
 
 def plan_text(cfg: Config, world: int) -> str:
@@ -97,20 +97,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         # the CPU on purpose means its CPU accelerator, and no GPU for anything else either.
         os.environ["DS_ACCELERATOR"] = "cpu"
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from coatnet_scale.checkpoint import CheckpointError
+    from coatnet_scale.data.pipeline import DataError
     from coatnet_scale.distributed.device import DeviceError
+    from coatnet_scale.guard import NonFiniteError
     from coatnet_scale.train import train
 
+    # Errors of the machine, the data or the run, not of the code: one line saying what to
+    # change, and the exit code of coatnet_scale.exits (the SLURM job does not requeue them).
+    known = (
+        (DeviceError, "device error", EXIT_SETUP),
+        (DataError, "data error", EXIT_DATA),
+        (CheckpointError, "checkpoint error", EXIT_CHECKPOINT),
+        (NonFiniteError, "non-finite steps", EXIT_NONFINITE),
+    )
     try:
         return train(cfg)
-    except DeviceError as err:  # the machine, not the code: one line saying what to change
-        print(f"device error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_SETUP) from None
+    except tuple(kind for kind, _, _ in known) as err:
+        what, code = next((w, c) for kind, w, c in known if isinstance(err, kind))
+        print(f"rank {env.rank}: {what}: {err}", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":
     import torch.distributed as dist
 
-    from coatnet_scale.stop import EXIT_STOPPED
+    from coatnet_scale.exits import EXIT_STOPPED
 
     under_srun = dist_env().launcher == "slurm"  # read now: training exports torch's variables
     try:

@@ -108,12 +108,21 @@ def write_manifest(folder: Path, step: int, world: int, records: dict[str, Any])
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
+REPLACED_SUFFIX = ".replaced"
+
+
 def publish(tmp: Path, final: Path) -> None:
-    """Rename a committed `.tmp-stepN` to `stepN` (an older folder of that name is moved aside)."""
+    """Rename a committed `.tmp-stepN` to `stepN`. An older folder of that name (a run resumed
+    from before it saves step N again) is moved aside first and deleted once the new one's
+    rename is durable; `recover` deletes one a kill left between the two."""
+    replaced = None
     if final.exists():
-        final.rename(free_name(final.with_name(final.name + ".replaced")))
+        replaced = free_name(final.with_name(final.name + REPLACED_SUFFIX))
+        final.rename(replaced)
     tmp.rename(final)
     fsync_dir(final.parent)
+    if replaced is not None:
+        remove_tree(replaced)
 
 
 def point_latest(root: Path) -> None:
@@ -138,9 +147,15 @@ def recover(root: Path, log: Log) -> None:
     """Rank 0 at start: finish or clean up what a killed save left behind."""
     if not root.is_dir():
         return
-    for leftover in sorted(root.iterdir()):
+    for leftover in sorted(root.iterdir()):  # ".tmp-stepN" sorts before "stepN.replaced"
         if leftover.name.startswith(".trash-"):
             remove_tree(leftover)
+        elif REPLACED_SUFFIX in leftover.name and leftover.is_dir():
+            final = root / leftover.name.split(REPLACED_SUFFIX)[0]
+            if final.exists():
+                remove_tree(leftover)  # superseded by the published stepN
+            else:  # killed between moving it aside and publishing: it is the checkpoint again
+                leftover.rename(final)
         elif leftover.name.startswith(TMP_PREFIX) and leftover.is_dir():
             final = root / leftover.name[len(TMP_PREFIX) :]
             if not final.exists() and read_manifest(leftover) and not verify(leftover):

@@ -17,6 +17,7 @@ from coatnet_scale.checkpoint.layout import (
     code_version,
 )
 from coatnet_scale.config import Config, config_hash, to_dict
+from coatnet_scale.logging import redact
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,7 +84,9 @@ class TrainerState:
         )
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, **self.__dict__}, indent=1) + "\n"
+        """The file's text; secrets from the environment in the config are masked, as in
+        RUN/config.yaml."""
+        return redact(json.dumps({"format": FORMAT, **self.__dict__}, indent=1)) + "\n"
 
     @classmethod
     def read(cls, ckpt: Path) -> TrainerState:

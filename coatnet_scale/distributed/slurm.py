@@ -46,8 +46,8 @@ from coatnet_scale.checkpoint.layout import (
 from coatnet_scale.cli import config_parser, parse_config_args
 from coatnet_scale.config import Config, TrainConfig
 from coatnet_scale.distributed.env import expand_nodelist
+from coatnet_scale.exits import EXIT_STOPPED, NOT_REQUEUED
 from coatnet_scale.preflight import setup_problems
-from coatnet_scale.stop import EXIT_SETUP, EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"
@@ -108,12 +108,11 @@ def decide(
         return Decision(False, f"training finished (checkpoint at step {step})")
     if returncode in (0, EXIT_STOPPED):
         why = f"the tasks stopped after a checkpoint at step {step} (a stop signal)"
-    elif returncode == EXIT_SETUP:
+    elif returncode in NOT_REQUEUED:
         return Decision(
             False,
-            f"the tasks could not start (exit code {EXIT_SETUP}: the 'config error' or 'device "
-            "error' lines above say what to change); not requeueing: the same job would fail "
-            "the same way",
+            f"the training step {NOT_REQUEUED[returncode]}; exit code {returncode}, newest "
+            f"checkpoint: step {step}; not requeueing: the same job would fail the same way",
         )
     else:
         why = (
@@ -161,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("not inside a SLURM job: submit launch/slurm/pretrain.sbatch with sbatch")
         return 2
     problems = setup_problems(cfg, allocation_tasks(env), on_rank_host=False)
-    if problems:  # EXIT_SETUP without srun: nothing to requeue, the job fails at once
+    if problems:  # a setup error without srun: nothing to requeue, the job fails at once
         for problem in problems:
             log(f"config error: {problem}")
         return 2

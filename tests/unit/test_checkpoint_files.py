@@ -127,6 +127,25 @@ def test_recovery_rolls_a_committed_save_forward_and_removes_incomplete_ones(roo
     assert len(messages) == 2
 
 
+def test_a_republished_step_leaves_no_replaced_folder_behind(root: Path) -> None:
+    """A run resumed from before step 30 saves step 30 again: the old folder is moved aside
+    and deleted once the new one is published; one left by a kill is cleaned up at the next
+    start (deleted when superseded, put back when it is the only step 30)."""
+    old = shard(root / step_name(30)).read_bytes()
+    fake_checkpoint(root / f".tmp-{step_name(30)}", 30)
+    checkpoint.publish(root / f".tmp-{step_name(30)}", root / step_name(30))
+    assert sorted(p.name for p in root.iterdir()) == [step_name(s) for s in (10, 20, 30)]
+    assert shard(root / step_name(30)).read_bytes() != old
+    (root / step_name(20)).rename(root / f"{step_name(20)}.replaced")  # killed mid-publish
+    fake_checkpoint(root / f"{step_name(30)}.replaced", 30)  # killed after the publish
+    checkpoint.recover(root, print)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "latest",
+        *(step_name(s) for s in (10, 20, 30)),
+    ]
+    assert checkpoint.verify(root / step_name(20)) == []
+
+
 def test_retention_keeps_the_newest_and_every_nth(tmp_path: Path) -> None:
     committed = [tmp_path / step_name(s) for s in range(100, 1100, 100)]
     doomed = checkpoint.retention(committed, keep_last=3, keep_every=500)

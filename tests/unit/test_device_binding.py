@@ -170,8 +170,43 @@ def test_the_entry_point_says_it_in_one_line(monkeypatch, capsys, tmp_path) -> N
         main(["--model", "coatnet_debug", shards, "distributed.device=cuda"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("device error: distributed.device=cuda but torch cannot use CUDA")
+    assert err.startswith("rank 0: device error: distributed.device=cuda but torch cannot use")
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "error, line, code",
+    [
+        ("DataError", "data error", 3),
+        ("CheckpointError", "checkpoint error", 4),
+        ("NonFiniteError", "non-finite steps", 5),
+    ],
+)
+def test_errors_of_the_run_exit_with_their_code_and_one_line(
+    monkeypatch, capsys, tmp_path, error, line, code
+) -> None:
+    """coatnet_scale.exits: each error of the data or the run has its own exit code, which the
+    SLURM job does not requeue, and one line on stderr instead of a traceback."""
+    import coatnet_scale.train as training
+    from coatnet_scale.checkpoint import CheckpointError
+    from coatnet_scale.data.pipeline import DataError
+    from coatnet_scale.guard import NonFiniteError
+    from launch.pretrain import main
+
+    kinds = {e.__name__: e for e in (DataError, CheckpointError, NonFiniteError)}
+
+    def fails(cfg):
+        raise kinds[error]("what went wrong, and what to do")
+
+    monkeypatch.setattr(training, "train", fails)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # main sets both: restored afterwards
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    shards = f"data.train_shards={shard_set(tmp_path, [4])}"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "coatnet_debug", shards, "distributed.device=cpu"])
+    assert exit_.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert err == f"rank 0: {line}: what went wrong, and what to do"
 
 
 def test_deepspeeds_multi_node_launch_binds_the_local_gpu(fake_cuda) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from coatnet_scale.config import load_config
 from coatnet_scale.distributed import slurm
-from coatnet_scale.stop import EXIT_SETUP, EXIT_STOPPED
+from coatnet_scale.exits import EXIT_SETUP, EXIT_STOPPED, NOT_REQUEUED
 
 
 def test_a_run_whose_checkpoint_reached_the_last_step_is_finished() -> None:
@@ -32,6 +32,9 @@ def test_tasks_that_could_not_start_are_not_requeued() -> None:
     requeueing it up to distributed.max_requeues times only burns allocations."""
     decision = slurm.decide(EXIT_SETUP, step=40, total_steps=100, restarts=0, max_requeues=10)
     assert not decision.requeue and "could not start" in decision.message
+    for code in NOT_REQUEUED:  # data, checkpoint and non-finite errors recur the same way
+        assert not slurm.decide(code, step=40, total_steps=100, restarts=0, max_requeues=10).requeue
+    assert slurm.decide(1, step=40, total_steps=100, restarts=0, max_requeues=10).requeue
 
 
 def test_progress_comes_from_the_newest_complete_checkpoint(tmp_path) -> None:

@@ -157,6 +157,12 @@ def test_logger_writes_jsonl_keeps_wandb_id_and_hides_secrets(tmp_path: Path, mo
     )
     assert "s3cr3t-value-123" not in everything
     assert redact("a s3cr3t-value-123 b") == "a *** b"
+    # the checkpoint's copy of the config too
+    from coatnet_scale.checkpoint import TrainerState
+
+    secret_cfg = load_config(overrides=["logging.wandb_entity=s3cr3t-value-123"])
+    state = TrainerState.of(secret_cfg, 1, {}, 0, None, 1).to_json()
+    assert "s3cr3t-value-123" not in state and '"wandb_entity": "***"' in state
 
 
 def test_a_broken_wandb_does_not_stop_the_run(tmp_path: Path, monkeypatch, capsys) -> None:
