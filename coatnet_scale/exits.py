@@ -1,5 +1,5 @@
 """The exit codes of a training process, in one table: what `launch/pretrain.py` exits with, what
-the SLURM job (`distributed/slurm.py`) does on each, and what a user's scripts can rely on.
+the SLURM job (`launch/slurm/supervisor.py`) does on each, and what a user's scripts can rely on.
 
     code  meaning                                                  the SLURM job
     0     finished; or, under srun, stopped after a checkpoint     finished, or requeued when

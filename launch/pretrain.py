@@ -136,6 +136,6 @@ if __name__ == "__main__":
     # Stopped on a signal with a checkpoint committed: tell the launcher to retry (75). Under
     # srun a stopped rank exits 0 instead: srun --kill-on-bad-exit would SIGTERM the ranks still
     # finishing (wandb, process-group teardown), and the SLURM batch step reads the run's progress
-    # from its checkpoints (coatnet_scale/distributed/slurm.py).
+    # from its checkpoints (launch/slurm/supervisor.py).
     stopped = bool(result and result.get("stopped"))
     raise SystemExit(EXIT_STOPPED if stopped and not under_srun else 0)

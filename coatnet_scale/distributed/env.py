@@ -125,7 +125,8 @@ def slurm_port(job_id: str) -> int:
     return 15000 + int(digits[-4:]) % 10000
 
 
-def _slurm_tasks_per_node(env: Mapping[str, str], world_size: int) -> int:
+def slurm_tasks_per_node(env: Mapping[str, str], world_size: int) -> int:
+    """The allocation's tasks per node ("8(x2)" reads as 8); `world_size` when SLURM says none."""
     for key in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
         value = env.get(key)
         if value:
@@ -154,7 +155,7 @@ def dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             world_size=world,
-            local_world_size=_slurm_tasks_per_node(env, world),
+            local_world_size=slurm_tasks_per_node(env, world),
             master_addr=env.get("MASTER_ADDR")
             or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"))),

@@ -255,7 +255,7 @@ def test_the_hostfile_for_deepspeeds_launcher_lists_the_allocation(cluster, tmp_
         "--nodes=2",
         "--ntasks-per-node=1",
         f"--output={out}",
-        f"--wrap={sys.executable} -m coatnet_scale.distributed.slurm --hostfile",
+        f"--wrap={sys.executable} launch/slurm/supervisor.py --hostfile",
         cwd=REPO,
     )
     assert out.read_text() == "n1 slots=1\nn2 slots=1\n"

@@ -114,7 +114,7 @@ def test_the_entry_point_stops_before_the_run_folder_is_touched(
 
 
 def test_the_slurm_supervisor_stops_before_srun(manifest: Path, monkeypatch, capsys) -> None:
-    import coatnet_scale.distributed.slurm as slurm
+    from launch.slurm import supervisor as slurm
 
     def no_srun(*args, **kwargs):
         raise AssertionError("srun must not start")

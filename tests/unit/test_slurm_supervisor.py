@@ -4,13 +4,14 @@ the srun command line, config validation before anything starts. (Real jobs: tes
 from __future__ import annotations
 
 from coatnet_scale.config import load_config
-from coatnet_scale.distributed import slurm
+from coatnet_scale.distributed import slurm as allocation
 from coatnet_scale.exits import EXIT_SETUP, EXIT_STOPPED, NOT_REQUEUED
+from launch.slurm import supervisor as slurm
 
 
 def test_a_run_whose_checkpoint_reached_the_last_step_is_finished() -> None:
     decision = slurm.decide(0, step=100, total_steps=100, restarts=0, max_requeues=3)
-    assert not decision.requeue and decision.message.startswith("training finished")
+    assert decision.action == "finished" and not decision.requeue  # typed, not a message
     # Even if a task was killed during teardown after the final checkpoint.
     assert not slurm.decide(143, step=100, total_steps=100, restarts=0, max_requeues=3).requeue
 
@@ -23,7 +24,7 @@ def test_stopped_and_failed_steps_requeue_until_the_limit() -> None:
     failed = slurm.decide(137, step=40, total_steps=100, restarts=0, max_requeues=3)
     assert failed.requeue and "exit code 137" in failed.message and "task N" in failed.message
     exhausted = slurm.decide(0, step=40, total_steps=100, restarts=3, max_requeues=3)
-    assert not exhausted.requeue and "distributed.max_requeues=3" in exhausted.message
+    assert exhausted.action == "stop" and "distributed.max_requeues=3" in exhausted.message
     assert not slurm.decide(1, step=0, total_steps=100, restarts=0, max_requeues=0).requeue
 
 
@@ -41,17 +42,17 @@ def test_progress_comes_from_the_newest_complete_checkpoint(tmp_path) -> None:
     from tests.unit.test_checkpoint_files import fake_checkpoint
 
     root = tmp_path / "checkpoints"
-    assert slurm.newest_step(tmp_path) == 0
+    assert allocation.newest_step(tmp_path) == 0
     fake_checkpoint(root / "step00000010", 10)
     fake_checkpoint(root / "step00000020", 20, commit=False)  # no manifest: not complete
-    assert slurm.newest_step(tmp_path) == 10
+    assert allocation.newest_step(tmp_path) == 10
 
 
 def test_the_run_folder_follows_the_job_name_unless_set() -> None:
     env = {"SLURM_JOB_NAME": "c6-jft"}
-    assert slurm.run_dir_override(load_config(), env) == ["train.run_dir=runs/c6-jft"]
-    assert slurm.run_dir_override(load_config([], ["train.run_dir=/ckpt/x"]), env) == []
-    assert slurm.run_dir_override(load_config(), {}) == []
+    assert allocation.run_dir_override(load_config(), env) == ["train.run_dir=runs/c6-jft"]
+    assert allocation.run_dir_override(load_config([], ["train.run_dir=/ckpt/x"]), env) == []
+    assert allocation.run_dir_override(load_config(), {}) == []
 
 
 def test_srun_runs_the_entry_point_with_the_same_arguments() -> None:
@@ -71,7 +72,7 @@ def test_srun_passes_the_allocations_cpus_per_task_on() -> None:
 
 
 def test_hostfile_lists_every_node_of_the_allocation() -> None:
-    assert slurm.hostfile("gpu[07-09],big1", 8) == (
+    assert allocation.hostfile("gpu[07-09],big1", 8) == (
         "gpu07 slots=8\ngpu08 slots=8\ngpu09 slots=8\nbig1 slots=8\n"
     )
 

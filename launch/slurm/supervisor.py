@@ -1,0 +1,181 @@
+"""The batch side of a SLURM job: one `srun` of one training task per GPU, then the decision what
+the job does when that step ends: finished, stopped on request (requeue), or failed (requeue).
+
+`launch/slurm/pretrain.sbatch` holds resources only and runs
+`python launch/slurm/supervisor.py [--model M] [--config F] [key=value ...]`, which
+
+1. validates the config before anything starts (a typo fails in seconds, not after a queue wait);
+2. chooses the run folder: `train.run_dir` if set, else `runs/$SLURM_JOB_NAME`, the same on every
+   requeue of the job, so every restart finds its checkpoints (and resumes: `checkpoint.resume`
+   is `auto` by default) and its wandb run id;
+3. runs `srun --kill-on-bad-exit=1 python launch/pretrain.py ...`: ranks, local ranks and world size
+   come from SLURM's variables, the master is the first host of the allocation and the port is
+   derived from the job id (`distributed/env.py`); a task that dies takes the step down at once,
+   and a hung collective ends after `distributed.timeout_minutes`;
+4. reads the run's progress from its newest complete checkpoint: short of `train.total_steps`
+   (the tasks got the time-limit/preemption warning signal, agreed to stop after the same step and
+   committed a checkpoint; or a task failed), it requeues the job with `scontrol requeue` while
+   `SLURM_RESTART_COUNT` < `distributed.max_requeues`, unless the tasks' exit code says a
+   requeue cannot help (`coatnet_scale.exits`). Stopped tasks exit 0 under srun, so
+   `--kill-on-bad-exit` does not cut the others' shutdown short.
+
+The warning signal comes from `#SBATCH --signal=USR1@SECONDS` without `B:`, so SLURM sends it to
+the job steps (every training task), not to this process; this process ignores USR1 and SIGTERM
+and waits for srun, which forwards them to the tasks.
+
+`python launch/slurm/supervisor.py --hostfile` prints a DeepSpeed hostfile for the allocation
+instead (the second way to launch, see launch/slurm/pretrain.sbatch).
+
+This is a launcher, like `launch/pretrain.py`: the library (`coatnet_scale.distributed.slurm`)
+keeps only what both ways of launching use, reading the allocation and the run's progress.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from coatnet_scale.cli import config_parser, parse_config_args
+from coatnet_scale.distributed.env import slurm_tasks_per_node
+from coatnet_scale.distributed.slurm import (
+    allocation_tasks,
+    hostfile,
+    newest_step,
+    run_dir_override,
+)
+from coatnet_scale.exits import EXIT_SETUP, EXIT_STOPPED, NOT_REQUEUED
+from coatnet_scale.preflight import setup_problems
+
+PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain.py"
+
+
+def srun_command(
+    python: str, argv: Sequence[str], extra: Sequence[str], env: Mapping[str, str]
+) -> list[str]:
+    """One training task per allocated task slot (the sbatch script asks one per GPU).
+
+    `--cpus-per-task` is passed on explicitly: since SLURM 22.05 srun no longer inherits it from
+    the allocation, and a task would get one CPU for its loader workers, pinned-memory copies and
+    NCCL threads (https://slurm.schedmd.com/srun.html#OPT_cpus-per-task).
+    """
+    cpus = env.get("SLURM_CPUS_PER_TASK")
+    return [
+        "srun",
+        "--kill-on-bad-exit=1",  # a task that dies ends the step instead of leaving others hung
+        "--wait=120",  # a task that exits early (cleanly) does not wait forever for the rest
+        *([f"--cpus-per-task={cpus}"] if cpus else []),
+        python,
+        "-u",
+        str(PRETRAIN),
+        *argv,
+        *extra,
+    ]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the job does after the training step: done, requeue itself, or end unfinished."""
+
+    action: Literal["finished", "requeue", "stop"]
+    message: str
+
+    @property
+    def requeue(self) -> bool:
+        return self.action == "requeue"
+
+
+def decide(
+    returncode: int, step: int, total_steps: int, restarts: int, max_requeues: int
+) -> Decision:
+    """What the job does after the training step ended with `returncode`, the run's newest valid
+    checkpoint being at `step`. The checkpoints are the ground truth of progress: exit codes only
+    tell a stop (0 or `EXIT_STOPPED`) from a failure for the message."""
+    if step >= total_steps:
+        return Decision("finished", f"training finished (checkpoint at step {step})")
+    if returncode in (0, EXIT_STOPPED):
+        why = f"the tasks stopped after a checkpoint at step {step} (a stop signal)"
+    elif returncode in NOT_REQUEUED:
+        return Decision(
+            "stop",
+            f"the training step {NOT_REQUEUED[returncode]}; exit code {returncode}, newest "
+            f"checkpoint: step {step}; not requeueing: the same job would fail the same way",
+        )
+    else:
+        why = (
+            f"the training step failed (exit code {returncode}; srun's 'task N' error lines "
+            f"above name the failed rank N and its node); newest checkpoint: step {step}"
+        )
+    if restarts >= max_requeues:
+        return Decision(
+            "stop",
+            f"{why}; not requeueing: {restarts} restart(s) reached "
+            f"distributed.max_requeues={max_requeues}",
+        )
+    return Decision(
+        "requeue", f"{why}; requeueing (restart {restarts + 1} of at most {max_requeues})"
+    )
+
+
+def log(message: str) -> None:
+    print(f"[coatnet-scale slurm {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ
+    if argv[:1] == ["--hostfile"]:
+        print(hostfile(env["SLURM_JOB_NODELIST"], slurm_tasks_per_node(env, 1)), end="")
+        return 0
+    try:
+        cfg, _ = parse_config_args(argv, config_parser("SLURM job"))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    if "SLURM_JOB_ID" not in env:
+        log("not inside a SLURM job: submit launch/slurm/pretrain.sbatch with sbatch")
+        return EXIT_SETUP
+    problems = setup_problems(cfg, allocation_tasks(env), on_rank_host=False)
+    if problems:  # a setup error without srun: nothing to requeue, the job fails at once
+        for problem in problems:
+            log(f"config error: {problem}")
+        return EXIT_SETUP
+    # SLURM's warning and preemption signals are for the tasks; this process waits for srun.
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    restarts = int(env.get("SLURM_RESTART_COUNT", "0"))
+    extra = run_dir_override(cfg, env)
+    run_dir = Path(extra[0].split("=", 1)[1] if extra else cfg.train.run_dir)
+    command = srun_command(sys.executable, argv, extra, env)
+    log(
+        f"job {env['SLURM_JOB_ID']} ({env.get('SLURM_JOB_NAME', '')}), restart {restarts}, "
+        f"{env.get('SLURM_JOB_NUM_NODES', '?')} node(s): {' '.join(command)}"
+    )
+    returncode = subprocess.run(command).returncode
+    decision = decide(
+        returncode,
+        newest_step(run_dir),
+        cfg.train.total_steps,
+        restarts,
+        cfg.distributed.max_requeues,
+    )
+    log(decision.message)
+    if decision.requeue:
+        requeue = subprocess.run(
+            ["scontrol", "requeue", env["SLURM_JOB_ID"]], capture_output=True, text=True
+        )
+        if requeue.returncode != 0:  # e.g. SLURM is already requeueing it (preemption)
+            log(f"scontrol requeue: {requeue.stderr.strip() or requeue.returncode}")
+    return 0 if decision.action == "finished" else returncode or 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
