@@ -15,13 +15,19 @@ the SLURM job (`launch/slurm/supervisor.py`) does on each, and what a user's scr
 
 The codes 2-5 fail the same way when run again (a requeue resumes from the same checkpoint with
 the same data order and seeds), so they end the job with the line that says what to change.
-srun reports the highest exit code of its tasks (or 128 + a signal): a code here reaches the
-supervisor when every task exits with it, which is what happens for setup, checkpoint and
-non-finite errors (all ranks decide together); a data error on one rank ends the others by
-SIGTERM, and the job is then requeued like a crash.
+srun reports the highest exit code of its tasks, or 128 + the signal of one it killed: when one
+rank fails first, srun kills the others and its code says "killed". So a rank that exits with
+3-5 also writes the code to RUN/exit_reason.json (`record_exit`), and the supervisor trusts that
+file, cleared before each attempt, over srun's code. Setup errors (2) come before the run folder
+exists and from every rank alike.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from coatnet_scale.files import atomic_write_text
 
 EXIT_FINISHED = 0
 EXIT_SETUP = 2
@@ -37,3 +43,21 @@ NOT_REQUEUED = {
     EXIT_CHECKPOINT: "stopped on a checkpoint it cannot use (the 'checkpoint error' line above)",
     EXIT_NONFINITE: "stopped after too many non-finite steps (train.max_nonfinite_steps)",
 }
+
+EXIT_REASON_FILE = "exit_reason.json"
+
+
+def record_exit(run_dir: Path, code: int, line: str) -> None:
+    """Leave the exit code and its line in the run folder for the SLURM supervisor (only in a
+    folder that exists: a run that never started writes nothing)."""
+    if run_dir.is_dir():
+        atomic_write_text(run_dir / EXIT_REASON_FILE, json.dumps({"code": code, "line": line}))
+
+
+def recorded_exit(run_dir: Path) -> tuple[int, str] | None:
+    """The code and line a rank recorded in this attempt, if any."""
+    try:
+        data = json.loads((run_dir / EXIT_REASON_FILE).read_text())
+        return int(data["code"]), str(data["line"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

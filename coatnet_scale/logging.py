@@ -44,6 +44,18 @@ def redact(text: str, secrets: list[str] | None = None) -> str:
     return text
 
 
+def redact_tree(value: Any) -> Any:
+    """A config (nested dicts and lists) with `redact` applied to every string in it: what
+    RUN/config.yaml and a checkpoint's trainer_state.json keep of the config."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redact_tree(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_tree(item) for item in value]
+    return value
+
+
 def resolve_wandb_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
     """online / offline / disabled; `auto` means online only with a key and a reachable host."""
     if mode != "auto":

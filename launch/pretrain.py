@@ -19,7 +19,14 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from coatnet_scale.cli import config_parser, parse_config_args
 from coatnet_scale.config import Config
 from coatnet_scale.distributed.env import dist_env
-from coatnet_scale.exits import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_SETUP
+from coatnet_scale.exits import (
+    EXIT_CHECKPOINT,
+    EXIT_DATA,
+    EXIT_NONFINITE,
+    EXIT_SETUP,
+    record_exit,
+)
+from coatnet_scale.logging import redact
 from coatnet_scale.preflight import setup_problems
 
 
@@ -115,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         return train(cfg)
     except tuple(kind for kind, _, _ in known) as err:
         what, code = next((w, c) for kind, w, c in known if isinstance(err, kind))
-        print(f"rank {env.rank}: {what}: {err}", file=sys.stderr)
+        line = redact(f"rank {env.rank}: {what}: {err}")
+        print(line, file=sys.stderr)
+        record_exit(Path(cfg.train.run_dir), code, line)  # srun reports only the highest code
         raise SystemExit(code) from None
 
 

@@ -36,6 +36,7 @@ from coatnet_scale.config import CheckpointConfig, Config, to_dict
 from coatnet_scale.distributed.collectives import barrier, from_rank0, rank_world
 from coatnet_scale.files import free_name, fsync_dir, remove_tree
 from coatnet_scale.guard import overflow_at_min_scale_skips
+from coatnet_scale.logging import redact_tree
 from coatnet_scale.seeding import seed_for, seed_rank_streams
 
 if TYPE_CHECKING:
@@ -115,8 +116,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict[str, Any], cfg: Config) -> tuple[list[str], list[str]]:
     """(blocking, allowed) differences between a checkpoint's config and this run's, one
-    'key: checkpoint X, this run Y' line each. Blocking ones are `MUST_MATCH` keys."""
-    before, after = _flatten(saved), _flatten(to_dict(cfg))
+    'key: checkpoint X, this run Y' line each. Blocking ones are `MUST_MATCH` keys. The saved
+    config has its secrets masked: this run's is compared masked the same way."""
+    before, after = _flatten(saved), _flatten(redact_tree(to_dict(cfg)))
     blocking, allowed = [], []
     for key in sorted(set(before) | set(after)):
         if before.get(key) != after.get(key):

@@ -75,7 +75,7 @@ def save(
         for folder in {tmp, *((tmp / f).parent for f in files)}:
             fsync_dir(folder)  # the files' directory entries are durable before the commit
         write_manifest(tmp, state.step, world, records)
-        publish(tmp, final)
+        publish(tmp, final, log)
         point_latest(root)
         for old in retention(list_checkpoints(root), keep_last, keep_every):
             remove_tree(old)
@@ -111,10 +111,11 @@ def write_manifest(folder: Path, step: int, world: int, records: dict[str, Any])
 REPLACED_SUFFIX = ".replaced"
 
 
-def publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path, log: Log | None = None) -> None:
     """Rename a committed `.tmp-stepN` to `stepN`. An older folder of that name (a run resumed
-    from before it saves step N again) is moved aside first and deleted once the new one's
-    rename is durable; `recover` deletes one a kill left between the two."""
+    from before step N, or started over with `checkpoint.resume=none`, saves step N again) is
+    moved aside first and deleted once the new one's rename is durable; `recover` handles one a
+    kill left between the two."""
     replaced = None
     if final.exists():
         replaced = free_name(final.with_name(final.name + REPLACED_SUFFIX))
@@ -123,6 +124,8 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
     if replaced is not None:
         remove_tree(replaced)
+        if log is not None:
+            log(f"an older {final.name} in {final.parent} was replaced by this save")
 
 
 def point_latest(root: Path) -> None:
@@ -147,19 +150,23 @@ def recover(root: Path, log: Log) -> None:
     """Rank 0 at start: finish or clean up what a killed save left behind."""
     if not root.is_dir():
         return
+    names = {p.name for p in root.iterdir()}
     for leftover in sorted(root.iterdir()):  # ".tmp-stepN" sorts before "stepN.replaced"
         if leftover.name.startswith(".trash-"):
             remove_tree(leftover)
         elif REPLACED_SUFFIX in leftover.name and leftover.is_dir():
-            final = root / leftover.name.split(REPLACED_SUFFIX)[0]
-            if final.exists():
-                remove_tree(leftover)  # superseded by the published stepN
-            else:  # killed between moving it aside and publishing: it is the checkpoint again
-                leftover.rename(final)
+            step = leftover.name.split(REPLACED_SUFFIX)[0]
+            if not (root / step).exists() and f"{TMP_PREFIX}{step}" in names:
+                # killed mid-publish and the new save did not verify: the old one is step N
+                leftover.rename(root / step)
+                log(f"{step} was being replaced when the process died; kept the older {step}")
+            else:  # superseded by the published stepN (or left by an older version)
+                remove_tree(leftover)
+                log(f"removed {leftover.name}, superseded by a newer save of that step")
         elif leftover.name.startswith(TMP_PREFIX) and leftover.is_dir():
             final = root / leftover.name[len(TMP_PREFIX) :]
             if not final.exists() and read_manifest(leftover) and not verify(leftover):
-                publish(leftover, final)  # killed between commit and publish: roll forward
+                publish(leftover, final, log)  # killed between commit and publish: roll forward
                 log(f"checkpoint {final} was committed but not published; published it now")
             else:
                 remove_tree(leftover)

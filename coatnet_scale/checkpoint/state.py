@@ -17,7 +17,7 @@ from coatnet_scale.checkpoint.layout import (
     code_version,
 )
 from coatnet_scale.config import Config, config_hash, to_dict
-from coatnet_scale.logging import redact
+from coatnet_scale.logging import redact_tree
 
 
 def rng_state() -> dict[str, Any]:
@@ -77,16 +77,14 @@ class TrainerState:
             skipped_steps,
             wandb_run_id,
             world_size,
-            to_dict(cfg),
+            redact_tree(to_dict(cfg)),  # secrets masked, as in RUN/config.yaml
             config_hash(cfg),
             code_version(),
             loss_scale_skips,
         )
 
     def to_json(self) -> str:
-        """The file's text; secrets from the environment in the config are masked, as in
-        RUN/config.yaml."""
-        return redact(json.dumps({"format": FORMAT, **self.__dict__}, indent=1)) + "\n"
+        return json.dumps({"format": FORMAT, **self.__dict__}, indent=1) + "\n"
 
     @classmethod
     def read(cls, ckpt: Path) -> TrainerState:

@@ -44,3 +44,14 @@ def newest_step(run_dir: Path) -> int:
 def hostfile(nodelist: str, slots: int) -> str:
     """A DeepSpeed hostfile (`host slots=N` per node) for the allocation's nodes."""
     return "".join(f"{host} slots={slots}\n" for host in expand_nodelist(nodelist))
+
+
+if __name__ == "__main__":
+    # Jobs queued before the supervisor moved to launch/slurm/supervisor.py still run
+    # `python -m coatnet_scale.distributed.slurm ...` (SLURM keeps the script as submitted).
+    import os
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "launch" / "slurm" / "supervisor.py"
+    print(f"coatnet_scale.distributed.slurm is now {script}: running that", file=sys.stderr)
+    os.execv(sys.executable, [sys.executable, str(script), *sys.argv[1:]])

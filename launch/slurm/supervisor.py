@@ -53,7 +53,13 @@ from coatnet_scale.distributed.slurm import (
     newest_step,
     run_dir_override,
 )
-from coatnet_scale.exits import EXIT_SETUP, EXIT_STOPPED, NOT_REQUEUED
+from coatnet_scale.exits import (
+    EXIT_REASON_FILE,
+    EXIT_SETUP,
+    EXIT_STOPPED,
+    NOT_REQUEUED,
+    recorded_exit,
+)
 from coatnet_scale.preflight import setup_problems
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain.py"
@@ -159,7 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"job {env['SLURM_JOB_ID']} ({env.get('SLURM_JOB_NAME', '')}), restart {restarts}, "
         f"{env.get('SLURM_JOB_NUM_NODES', '?')} node(s): {' '.join(command)}"
     )
+    (run_dir / EXIT_REASON_FILE).unlink(missing_ok=True)  # only this attempt's counts
     returncode = subprocess.run(command).returncode
+    recorded = recorded_exit(run_dir)
+    if recorded is not None and returncode not in (0, EXIT_STOPPED):
+        # a rank failed first and srun killed the rest: its own code, not srun's "killed"
+        log(f"srun exit code {returncode}; the first failure: {recorded[1]}")
+        returncode = recorded[0]
     decision = decide(
         returncode,
         newest_step(run_dir),

@@ -136,9 +136,14 @@ def test_a_republished_step_leaves_no_replaced_folder_behind(root: Path) -> None
     checkpoint.publish(root / f".tmp-{step_name(30)}", root / step_name(30))
     assert sorted(p.name for p in root.iterdir()) == [step_name(s) for s in (10, 20, 30)]
     assert shard(root / step_name(30)).read_bytes() != old
-    (root / step_name(20)).rename(root / f"{step_name(20)}.replaced")  # killed mid-publish
+    # killed mid-publish of a new step 20 whose files then fail verification: the old one stays
+    (root / step_name(20)).rename(root / f"{step_name(20)}.replaced")
+    fake_checkpoint(root / f".tmp-{step_name(20)}", 20, commit=False)
     fake_checkpoint(root / f"{step_name(30)}.replaced", 30)  # killed after the publish
-    checkpoint.recover(root, print)
+    fake_checkpoint(root / f"{step_name(40)}.replaced", 40)  # stale: no step 40 being saved
+    messages: list[str] = []
+    checkpoint.recover(root, messages.append)
+    assert len(messages) == 4  # the incomplete save, the kept step 20, two removed folders
     assert sorted(p.name for p in root.iterdir()) == [
         "latest",
         *(step_name(s) for s in (10, 20, 30)),

@@ -202,11 +202,16 @@ def test_errors_of_the_run_exit_with_their_code_and_one_line(
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # main sets both: restored afterwards
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     shards = f"data.train_shards={shard_set(tmp_path, [4])}"
+    run = tmp_path / "run"
+    run.mkdir()  # a run that got as far as its folder
     with pytest.raises(SystemExit) as exit_:
-        main(["--model", "coatnet_debug", shards, "distributed.device=cpu"])
+        main(["--model", "coatnet_debug", shards, "distributed.device=cpu", f"train.run_dir={run}"])
     assert exit_.value.code == code
     err = capsys.readouterr().err.strip()
     assert err == f"rank 0: {line}: what went wrong, and what to do"
+    from coatnet_scale.exits import recorded_exit
+
+    assert recorded_exit(run) == (code, err)  # for the SLURM supervisor (srun keeps one code)
 
 
 def test_deepspeeds_multi_node_launch_binds_the_local_gpu(fake_cuda) -> None:

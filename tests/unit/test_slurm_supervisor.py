@@ -86,3 +86,57 @@ def test_outside_a_job_it_says_how_to_submit(monkeypatch, capsys) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert slurm.main(["--model", "coatnet_debug"]) == 2
     assert "sbatch" in capsys.readouterr().out
+
+
+def test_the_first_ranks_own_exit_code_wins_over_srun_killing_the_rest(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """A rank stops on non-finite steps (exit 5) and srun kills the others (its code: 137). The
+    rank's recorded code decides: no requeue. A record from an earlier attempt is ignored."""
+    import subprocess
+
+    from coatnet_scale.exits import EXIT_NONFINITE, EXIT_REASON_FILE, record_exit
+    from tests.data.conftest import shard_set
+
+    run = tmp_path / "run"
+    run.mkdir()
+    record_exit(run, EXIT_NONFINITE, "stale: from the previous attempt")
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command[0])
+        if command[0] == "srun":
+            assert not (run / EXIT_REASON_FILE).exists()  # cleared before the attempt
+            if len(calls) == 1:
+                record_exit(run, EXIT_NONFINITE, "rank 3: non-finite steps: 10 in a row")
+            return subprocess.CompletedProcess(command, 137)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(slurm.subprocess, "run", fake_run)
+    for key, value in {"SLURM_JOB_ID": "9", "SLURM_NTASKS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    argv = ["--model", "coatnet_debug", f"data.train_shards={shard_set(tmp_path, [8])}"]
+    argv += [f"train.run_dir={run}", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    assert slurm.main(argv) == EXIT_NONFINITE
+    out = capsys.readouterr().out
+    assert "srun exit code 137; the first failure: rank 3: non-finite steps" in out
+    assert "not requeueing" in out and calls == ["srun"]  # no scontrol requeue
+    # a crash that recorded nothing (a killed task) is requeued as before
+    assert slurm.main(argv) == 137 and calls == ["srun", "srun", "scontrol"]
+
+
+def test_jobs_queued_with_the_old_module_path_still_run_the_supervisor() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS_PER_NODE": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "coatnet_scale.distributed.slurm", "--hostfile"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert proc.stdout == "n1 slots=2\nn2 slots=2\n" and "launch/slurm/supervisor.py" in proc.stderr
