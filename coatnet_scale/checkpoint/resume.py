@@ -301,7 +301,10 @@ class Resume:
         if self.saved is None or self.load_plan is None or self.checkpoint is None:
             return
         load(engine, self.load_plan)
-        loader.load_state_dict(self.saved.data)
+        try:
+            loader.load_state_dict(self.saved.data)
+        except ValueError as err:  # seed, order or data changed: a requeue cannot fix it
+            raise CheckpointError(f"{self.checkpoint}: {err}") from None
         if stats_ema is not None:
             stats_ema.reset(engine.module)
             saved_ema = read_ema(self.checkpoint)

@@ -201,3 +201,25 @@ def test_cli_lists_verifies_and_reports_damage(root: Path, capsys) -> None:
     assert listing[0].endswith("ok") and "DAMAGED" in listing[2]
     assert checkpoint_cli(["verify", str(root / step_name(30))]) == 1
     assert checkpoint_cli(["verify", str(root / step_name(20))]) == 0
+
+
+def test_a_data_position_this_run_cannot_continue_is_a_checkpoint_error(
+    root: Path, monkeypatch
+) -> None:
+    """The loader refuses the saved position (another seed, order or data): the run stops with a
+    checkpoint error (exit 4, not requeued), naming the checkpoint and the loader's reason."""
+    from types import SimpleNamespace
+
+    import coatnet_scale.checkpoint.resume as resume
+
+    monkeypatch.setattr(resume, "load", lambda engine, plan: None)
+
+    class Loader:
+        def load_state_dict(self, state):
+            raise ValueError("data position was saved with seed 1 / exact sampling")
+
+    ckpt = root / step_name(30)
+    saved = SimpleNamespace(data={}, skipped_steps=0, loss_scale_skips=0, world_size=1, step=30)
+    start = resume.Resume(ckpt, saved, resume.LoadPlan(root, ckpt.name, universal=False))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{ckpt}: data position was saved"):
+        start.restore(None, Loader(), None, None, print)
