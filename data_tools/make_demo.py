@@ -33,17 +33,22 @@ def digit_jpeg(pixels: np.ndarray, size: int) -> bytes:
     return out.getvalue()
 
 
+def demo_split(count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The indices of the train (80%) and val images, shuffled with `seed`."""
+    order = np.random.default_rng(seed).permutation(count)
+    n_train = int(round(0.8 * count))
+    return {"train": order[:n_train], "val": order[n_train:]}
+
+
 def make_demo(
     out: Path, size: int = 64, shard_samples: int = 256, seed: int = 0
 ) -> dict[str, Path]:
     from sklearn.datasets import load_digits  # the data ships inside scikit-learn
 
     digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    n_train = int(round(0.8 * len(order)))
     out.mkdir(parents=True, exist_ok=True)
     manifests = {}
-    for split, indices in (("train", order[:n_train]), ("val", order[n_train:])):
+    for split, indices in demo_split(len(digits.target), seed).items():
         samples = [
             SourceSample(
                 f"{i:09d}",

@@ -22,8 +22,10 @@ from coatnet_scale.distributed.env import dist_env
 from coatnet_scale.exits import (
     EXIT_CHECKPOINT,
     EXIT_DATA,
+    EXIT_FINISHED,
     EXIT_NONFINITE,
     EXIT_SETUP,
+    EXIT_STOPPED,
     record_exit,
 )
 from coatnet_scale.logging import redact
@@ -131,8 +133,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
 if __name__ == "__main__":
     import torch.distributed as dist
 
-    from coatnet_scale.exits import EXIT_STOPPED
-
     under_srun = dist_env().launcher == "slurm"  # read now: training exports torch's variables
     try:
         result = main()
@@ -147,4 +147,4 @@ if __name__ == "__main__":
     # finishing (wandb, process-group teardown), and the SLURM batch step reads the run's progress
     # from its checkpoints (launch/slurm/supervisor.py).
     stopped = bool(result and result.get("stopped"))
-    raise SystemExit(EXIT_STOPPED if stopped and not under_srun else 0)
+    raise SystemExit(EXIT_STOPPED if stopped and not under_srun else EXIT_FINISHED)

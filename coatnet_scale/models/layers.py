@@ -382,8 +382,8 @@ def init_module_(module: nn.Module) -> None:
 
     Why not N(0, 0.02) everywhere, as this code did before: a 0.02 conv init shrinks every MBConv
     branch (a depthwise 3x3 wants 0.47), and a CoAtNet-0 trained on the 8x8 digits stayed at
-    chance for about 50 steps (8% top-1 at step 50 for 2 of 3 seeds), where this init reaches
-    97-99% by step 50 (bench/init_plateau.py; docs/architecture.md section 2.8).
+    chance for about 50 steps (8-13% top-1 at step 50 for 3 seeds), where this init reaches
+    96-99% by step 50 (bench/init_plateau.py; docs/architecture.md section 2.8).
 
     Kept per module so that a sharded build can initialise one module at a time.
     """

@@ -54,6 +54,7 @@ from coatnet_scale.distributed.slurm import (
     run_dir_override,
 )
 from coatnet_scale.exits import (
+    EXIT_FINISHED,
     EXIT_REASON_FILE,
     EXIT_SETUP,
     EXIT_STOPPED,
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if requeue.returncode != 0:  # e.g. SLURM is already requeueing it (preemption)
             log(f"scontrol requeue: {requeue.stderr.strip() or requeue.returncode}")
-    return 0 if decision.action == "finished" else returncode or 1
+    return EXIT_FINISHED if decision.action == "finished" else returncode or 1
 
 
 if __name__ == "__main__":

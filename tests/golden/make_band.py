@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,18 +37,12 @@ def run_curve(data: Path, out: Path, seed: int, broken: str | None = None) -> li
     return window_means(json.loads((out / "losses.json").read_text()))
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    from bench.common import cpu_name
     from data_tools.make_demo import make_demo
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +54,7 @@ def main() -> None:
             {
                 "command": "python tests/golden/make_band.py",
                 "date": datetime.date.today().isoformat(),
-                "cpu": cpu_model(),
+                "cpu": cpu_name(),
                 "window_steps": WINDOW,
                 "window_means_by_seed": curves,
             },
