@@ -31,8 +31,8 @@ demo: $(STAMP)  ## the main job: demo shards, then a 2-rank DeepSpeed ZeRO-2 pre
 model-demo: $(STAMP)  ## the model family at a glance and one training step
 	$(PY) launch/model_demo.py
 
-test: $(STAMP)  ## the whole test suite
-	$(PY) -m pytest tests
+test: $(STAMP)  ## the whole test suite (the 15 slowest listed at the end)
+	$(PY) -m pytest --durations=15 tests
 
 test-fast: $(STAMP)  ## the edit loop: single-process tests only (no ranks, no SLURM, nothing slow)
 	$(PY) -m pytest -m "not distributed and not slurm and not slow" tests

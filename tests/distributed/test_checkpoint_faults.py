@@ -21,6 +21,7 @@ import pytest
 from coatnet_scale import checkpoint
 from tests.data.conftest import shard_set
 from tests.distributed.test_training_2ranks import BIN, REPO
+from tests.processes import HANG_S, stop_tree
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -78,13 +79,13 @@ def newest_step(run: Path) -> int:
     return checkpoint.checkpoint_step(committed[-1]) if committed else 0
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early:\n{proc.stdout.read()[-3000:]}")
         if time.monotonic() > deadline:
-            proc.kill()
+            stop_tree(proc)
             raise AssertionError("timed out waiting for the run")
         time.sleep(0.005)
 
@@ -124,9 +125,9 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path: Path) -
         assert victim in pids, f"rank {victim} not found among {pids}"
         os.kill(pids[victim], signal.SIGKILL)
         try:
-            proc.wait(timeout=120)
+            proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            stop_tree(proc)
             raise AssertionError(f"round {round_index}: hung after rank {victim} died") from None
         assert proc.returncode != 0
         interrupted_saves += any((run / "checkpoints").glob(".tmp-*"))  # died inside a save
@@ -139,7 +140,11 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path: Path) -
 
     # The last round runs to the end from the newest valid checkpoint; it cleans up leftovers.
     proc = start(run, data, total_steps=newest + 3)
-    output, _ = proc.communicate(timeout=300)
+    try:
+        output, _ = proc.communicate(timeout=HANG_S)
+    except subprocess.TimeoutExpired:
+        stop_tree(proc)
+        raise
     assert proc.returncode == 0, output[-3000:]
     assert f"resumed from {run / 'checkpoints' / checkpoint.step_name(newest)}" in output
     final = assert_consistent(run)

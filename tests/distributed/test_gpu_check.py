@@ -14,28 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.processes import run_bounded
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_check.py"
 
 
-def gpu_check(*args: str, timeout: int) -> subprocess.CompletedProcess:
+def gpu_check(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_bounded([sys.executable, str(SCRIPT), *args], REPO, env)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: it would run")
 def test_without_cuda_it_stops_at_once_with_one_line(tmp_path: Path) -> None:
     start = time.perf_counter()
-    proc = gpu_check("--out", str(tmp_path), timeout=120)
+    proc = gpu_check("--out", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stdout.strip().startswith("gpu-check: no usable CUDA device here (")
     assert len(proc.stdout.strip().splitlines()) == 1
@@ -44,7 +39,7 @@ def test_without_cuda_it_stops_at_once_with_one_line(tmp_path: Path) -> None:
 
 
 def test_the_sequence_rehearsed_on_the_cpu_reports_every_check(tmp_path: Path) -> None:
-    proc = gpu_check("--rehearse", "--out", str(tmp_path), "--deadline-s", "1100", timeout=1200)
+    proc = gpu_check("--rehearse", "--out", str(tmp_path), "--deadline-s", "1100")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     status = {c["name"]: c["status"] for c in report["checks"]}
@@ -69,7 +64,7 @@ def test_the_sequence_rehearsed_on_the_cpu_reports_every_check(tmp_path: Path) -
 
 
 def test_checks_that_run_out_of_time_fail_the_run(tmp_path: Path) -> None:
-    proc = gpu_check("--rehearse", "--out", str(tmp_path), "--deadline-s", "5", timeout=300)
+    proc = gpu_check("--rehearse", "--out", str(tmp_path), "--deadline-s", "5")
     assert proc.returncode == 1, proc.stdout[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     not_run = [c for c in report["checks"] if "out of time" in c.get("error", "")]

@@ -95,7 +95,7 @@ def release(cluster: LocalCluster, job_id: str) -> None:
     """SLURM holds a requeued batch job for two minutes (its begin time, set once the old batch
     step has ended); the tests shorten that wait once the job is back in the queue. Nothing else
     about the requeue changes."""
-    wait_for(lambda: job(cluster, job_id).get("JobState") == "PENDING", "the requeued job", 120)
+    wait_for(lambda: job(cluster, job_id).get("JobState") == "PENDING", "the requeued job", 300)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
 
 
@@ -110,7 +110,7 @@ def logged_step(run: Path) -> int:
     return max(steps, default=0)
 
 
-def wait_for(condition, what: str, timeout: float = 240, poll: float = 0.5) -> None:
+def wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -171,7 +171,9 @@ def signal_paused_tasks(cluster: LocalCluster, job_id: str, sig: str) -> None:
     try:
         cluster.run("scancel", f"--signal={sig}", job_id)
         signum = signal.Signals[f"SIG{sig}"].value
-        wait_for(lambda: all(pending(pid, signum) for pid in pids), f"{sig} to reach the tasks", 60)
+        wait_for(
+            lambda: all(pending(pid, signum) for pid in pids), f"{sig} to reach the tasks", 300
+        )
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
@@ -234,7 +236,7 @@ def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
     (pid,) = training_pids(job_id, rank=1)
     killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)  # rank 1, on node n2
-    wait_for(lambda: job(cluster, job_id).get("Restarts") == "1", "the requeue", timeout=120)
+    wait_for(lambda: job(cluster, job_id).get("Restarts") == "1", "the requeue", timeout=300)
     assert time.monotonic() - killed_at < 60  # bounded: not the job's 20-minute limit
     release(cluster, job_id)
     wait_for(lambda: finished(cluster, job_id), "the requeued job")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.data.conftest import debug_data
+from tests.processes import run_bounded
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,13 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 def report(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("fake_cuda")
     data = debug_data(tmp)
-    proc = subprocess.run(
+    proc = run_bounded(
         [sys.executable, str(REPO / "tests" / "unit" / "fake_cuda_run.py"), str(tmp), str(data)],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
+        REPO,
+        {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return json.loads((tmp / "report.json").read_text())

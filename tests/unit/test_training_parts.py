@@ -3,9 +3,12 @@ logging, plots, dry-run plan."""
 
 import json
 import math
+import os
 import random
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ import torch
 
 from coatnet_scale.config import load_config
 from coatnet_scale.data.transforms import Normalizer
-from coatnet_scale.distributed.env import dist_env, first_slurm_host, slurm_port
+from coatnet_scale.distributed.env import dist_env, first_slurm_host, free_port, slurm_port
 from coatnet_scale.guard import NonFiniteError, StepGuard
 from coatnet_scale.logging import RunLogger, redact, resolve_wandb_mode
 from coatnet_scale.losses import classification_loss, smooth_targets
@@ -402,3 +405,30 @@ def test_the_optimizer_skips_a_nonfinite_update_the_way_deepspeed_reads_it() -> 
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     assert not optimizer.overflow and not torch.equal(model[0].weight, before["0.weight"])
+
+
+SHM_PROBE = """
+import os, sys
+from datetime import timedelta
+import deepspeed
+from coatnet_scale.distributed.engine import cpu_allreduce_buffer, release_cpu_allreduce_buffer
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0", LOCAL_SIZE="1")
+deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60))
+created = cpu_allreduce_buffer(0).exists()
+release_cpu_allreduce_buffer(0)
+print(created, cpu_allreduce_buffer(0).exists())
+"""
+
+
+def test_deepspeed_cpu_shared_memory_is_released_once_the_ranks_mapped_it() -> None:
+    """DeepSpeed's CPU all-reduce creates a 66 MB file in /dev/shm (RAM) per rank and never
+    unlinks it; our process-group start removes it (2 ranks: the launcher test)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SHM_PROBE, str(free_port())],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "True False"
