@@ -99,7 +99,11 @@ class DataConfig:
 class TrainConfig:
     """Run length, batch sizes, loss, EMA and cadences of the training loop."""
 
-    run_dir: str = option("runs/default", "run folder: checkpoints, metrics, resolved config")
+    run_dir: str = option(
+        "auto",
+        "run folder: checkpoints, metrics, resolved config (auto: runs/<model>-<fingerprint of "
+        "the settings a resume may not change>, see coatnet_scale/run_folder.py)",
+    )
     total_steps: int = option(100_000, "optimizer steps of the whole run")
     global_batch_size: int = option(4096, "images per optimizer step over all ranks")
     micro_batch_size: int = option(32, "images per rank per forward/backward")
@@ -263,6 +267,11 @@ class CheckpointConfig:
         "when the run resumes",
     )
     init_ema: bool = option(False, "with init_from a training checkpoint: take its EMA weights")
+    allow_changes: tuple[str, ...] = option(
+        (),
+        "keys (or dotted prefixes) of the experiment's settings this resume may change, e.g. "
+        "optim.weight_decay; without them a checkpoint with other settings is refused",
+    )
 
     def validate(self) -> None:
         if self.every_steps < 0 or self.every_minutes < 0:
@@ -309,7 +318,11 @@ class DistributedConfig:
     )
     backend: Literal["auto", "nccl", "gloo"] = option("auto", "auto: the accelerator's backend")
     timeout_minutes: float = option(30.0, "collective timeout before a hung job exits")
-    max_requeues: int = option(10, "SLURM: stop requeueing after this many restarts")
+    max_requeues: int = option(
+        3,
+        "SLURM: stop requeueing after this many attempts in a row without a new checkpoint "
+        "(a run that progresses is requeued without limit)",
+    )
 
     def validate(self) -> None:
         if self.timeout_minutes <= 0:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+# RUN/stop_signal.json: the signal that stopped the run, when rank 0 got it, after which step
+STOP_FILE = "stop_signal.json"
 
 
 class StopRequest:
@@ -22,6 +25,7 @@ class StopRequest:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
         self.received: signal.Signals | None = None
+        self.received_at: float | None = None  # wall clock (the SLURM job's times are too)
         self._previous: dict[signal.Signals, object] = {}
         for sig in signals:
             # Outside the main thread signal.signal raises: the signals are not ours to handle.
@@ -32,6 +36,7 @@ class StopRequest:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: the user means it
         self.received = signal.Signals(signum)
+        self.received_at = time.time()
 
     @property
     def requested(self) -> bool:

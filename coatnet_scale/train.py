@@ -10,6 +10,7 @@ process group started (`distributed/device.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -31,7 +32,13 @@ from coatnet_scale.data.pipeline import (
     build_train_loader,
 )
 from coatnet_scale.data.transforms import Normalizer, build_mixup
-from coatnet_scale.distributed.collectives import gather, global_mean, global_sum, largest
+from coatnet_scale.distributed.collectives import (
+    from_rank0,
+    gather,
+    global_mean,
+    global_sum,
+    largest,
+)
 from coatnet_scale.distributed.device import (
     DeviceBinding,
     DeviceError,
@@ -50,15 +57,18 @@ from coatnet_scale.distributed.engine import (
 )
 from coatnet_scale.distributed.env import DistEnv, dist_env
 from coatnet_scale.ema import BufferEma, ema_applied, whole_ema_weights
+from coatnet_scale.files import atomic_write_text
 from coatnet_scale.guard import NonFiniteError, StepGuard, gradient_norm
+from coatnet_scale.lease import Lease, RunFolderBusy
 from coatnet_scale.logging import RunLogger, ThroughputWindow, redact
 from coatnet_scale.losses import classification_loss
 from coatnet_scale.memory import device_memory_metrics
 from coatnet_scale.models.flops import total_macs
 from coatnet_scale.optim import GuardedAdamW, lr_at, set_lr
 from coatnet_scale.plan.hardware import device_peak_flops
+from coatnet_scale.run_folder import run_folder
 from coatnet_scale.seeding import seed_for, seed_weights
-from coatnet_scale.stop import StopRequest
+from coatnet_scale.stop import STOP_FILE, StopRequest
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RANK_LINES_SHOWN = 16  # larger jobs: a summary on the console, every rank in RUN/ranks.json
@@ -190,14 +200,18 @@ class Checkpointing:
         stats_ema: BufferEma | None,
         logger: RunLogger,
         env: DistEnv,
+        lease: Lease | None,
     ) -> None:
         self.engine, self.cfg, self.run_dir, self.loader = engine, cfg, run_dir, loader
         self.guard, self.stats_ema, self.logger, self.env = guard, stats_ema, logger, env
+        self.lease = lease  # rank 0's
         self.last_save = time.monotonic()
 
     def decide(self, done: int, stop: StopRequest) -> tuple[bool, int]:
         """(save now, the stop signal or 0). Ranks' clocks and signals differ: they agree (one
-        tiny all-reduce) on saving, on stopping and on which signal asked, so all do the same."""
+        tiny all-reduce) on saving, on stopping and on which signal asked, so all do the same.
+        A run whose folder was taken over while it was frozen stops here on every rank, before
+        it writes another checkpoint into it."""
         every_steps, every_minutes = (
             self.cfg.checkpoint.every_steps,
             self.cfg.checkpoint.every_minutes,
@@ -206,9 +220,15 @@ class Checkpointing:
         due = (every_steps and done % every_steps == 0) or (
             every_minutes and minutes >= every_minutes
         )
-        due_anywhere, signum = largest(
-            [float(bool(due)), float(stop.received or 0)], self.engine.device
+        lost = self.lease.lost if self.lease is not None else None
+        due_anywhere, signum, lost_anywhere = largest(
+            [float(bool(due)), float(stop.received or 0), float(lost is not None)],
+            self.engine.device,
         )
+        if lost_anywhere:
+            raise RunFolderBusy(
+                f"stopped without a checkpoint: {lost or 'rank 0 lost the run folder'}"
+            )
         return due_anywhere > 0, int(signum)
 
     def save(self, step: int) -> float:
@@ -252,14 +272,41 @@ def validation(
     return result | {"eval_s": time.perf_counter() - start}
 
 
-def create_run_dir(cfg: Config, is_main: bool) -> Path:
-    """RUN/ with the config this run uses (written by rank 0 while the others wait)."""
-    run_dir = Path(cfg.train.run_dir)
+@contextlib.contextmanager
+def own_run_folder(run_dir: Path, is_main: bool, log) -> Iterator[Lease | None]:
+    """Rank 0 holds the run folder's lease (`coatnet_scale/lease.py`) for the run's lifetime;
+    when another live run holds it, every rank raises the same `RunFolderBusy`."""
+    lease, refusal = None, None
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lease = Lease.take(run_dir, log)
+        except RunFolderBusy as err:
+            refusal = str(err)
+    refusal = from_rank0(refusal)
+    if refusal is not None:
+        raise RunFolderBusy(refusal)
+    try:
+        yield lease
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def record_stop(
+    run_dir: Path, signum: signal.Signals, received_at: float | None, step: int
+) -> None:
+    """RUN/stop_signal.json: which signal stopped the run after which step, and when rank 0 got
+    it (now, when only other ranks did). The SLURM supervisor measures the warning signal's lead
+    before the time limit from it (launch/slurm/warning.py)."""
+    record = {"signal": signum.name, "received_at": received_at or time.time(), "step": step}
+    atomic_write_text(run_dir / STOP_FILE, json.dumps(record))
+
+
+def write_run_config(cfg: Config, run_dir: Path, is_main: bool) -> None:
+    """RUN/config.yaml: the config this run uses (written by rank 0 while the others wait)."""
+    if is_main:
         (run_dir / "config.yaml").write_text(redact(dump_yaml(cfg)))
     dist.barrier()
-    return run_dir
 
 
 def build_training_engine(
@@ -310,7 +357,7 @@ def announce(
         f"{cfg.model.name}: {sum(p.numel() for p in engine.module.parameters()):,} parameters on "
         f"this rank, {plan.world_size} rank(s), ZeRO-{cfg.zero.stage}, {cfg.precision.dtype}, "
         f"{plan.accumulation} micro-batch(es) of {plan.micro_batch} per rank per step, "
-        f"config {config_hash(cfg)}, run folder {cfg.train.run_dir}"
+        f"config {config_hash(cfg)}, run folder {run_folder(cfg)}"
     )
     for note in notes:
         logger.message(note)
@@ -345,12 +392,27 @@ def train(cfg: Config) -> dict[str, float]:
     With `checkpoint.resume=auto` a run folder that holds a valid checkpoint continues from it:
     weights, optimizer, step, data position, RNG, EMA, counters and wandb run (`Resume`). A stop
     signal (SIGUSR1/SIGTERM, see `coatnet_scale.stop`) ends the run at the next step boundary
-    after a checkpoint; the result then has `stopped` = 1.
+    after a checkpoint; the result then has `stopped` = 1. The run folder (`run_folder.py`: by
+    default one per experiment) is this run's alone while it runs (`lease.py`).
     """
     env = dist_env()
     binding = init_process_group(cfg, env)  # the rank's device first, then the process group
-    run_dir = create_run_dir(cfg, env.is_main)
+    run_dir = run_folder(cfg)
     notes: list[str] = []  # set-up messages, printed once the logger exists
+    with own_run_folder(run_dir, env.is_main, notes.append) as lease:
+        write_run_config(cfg, run_dir, env.is_main)
+        return run_in(run_dir, lease, cfg, env, binding, notes)
+
+
+def run_in(
+    run_dir: Path,
+    lease: Lease | None,
+    cfg: Config,
+    env: DistEnv,
+    binding: DeviceBinding,
+    notes: list[str],
+) -> dict[str, float]:
+    """`train` once the run folder is this run's."""
     report_ranks(binding, env.rank, run_dir, cfg.data.num_workers, notes)
     seed_weights(cfg.train.seed)
     resume = Resume.find(cfg, run_dir, env.world_size, notes.append)
@@ -390,7 +452,9 @@ def train(cfg: Config) -> dict[str, float]:
         cfg.model.num_classes,
     )
     micro_batches = MicroBatches(engine, train_loader, plan, mixup, cfg, env.rank)
-    checkpoints = Checkpointing(engine, cfg, run_dir, train_loader, guard, stats_ema, logger, env)
+    checkpoints = Checkpointing(
+        engine, cfg, run_dir, train_loader, guard, stats_ema, logger, env, lease
+    )
     window = ThroughputWindow(
         6 * total_macs(cfg.model), peak_flops(cfg, engine.device, env.world_size)
     )
@@ -443,6 +507,8 @@ def train(cfg: Config) -> dict[str, float]:
                 window.pause("checkpoint", seconds)
                 logger.log(done, {"checkpoint_s": seconds})
             if signum and not last:
+                if env.is_main:
+                    record_stop(run_dir, signal.Signals(signum), stop.received_at, done)
                 logger.message(
                     f"stop requested ({signal.Signals(signum).name}): stopped after step {done} "
                     "with a checkpoint; the same command resumes"

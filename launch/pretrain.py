@@ -110,12 +110,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     from coatnet_scale.data.pipeline import DataError
     from coatnet_scale.distributed.device import DeviceError
     from coatnet_scale.guard import NonFiniteError
+    from coatnet_scale.lease import RunFolderBusy
+    from coatnet_scale.run_folder import run_folder
     from coatnet_scale.train import train
 
     # Errors of the machine, the data or the run, not of the code: one line saying what to
     # change, and the exit code of coatnet_scale.exits (the SLURM job does not requeue them).
     known = (
         (DeviceError, "device error", EXIT_SETUP),
+        (RunFolderBusy, "run folder in use", EXIT_SETUP),
         (DataError, "data error", EXIT_DATA),
         (CheckpointError, "checkpoint error", EXIT_CHECKPOINT),
         (NonFiniteError, "non-finite steps", EXIT_NONFINITE),
@@ -126,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         what, code = next((w, c) for kind, w, c in known if isinstance(err, kind))
         line = redact(f"rank {env.rank}: {what}: {err}")
         print(line, file=sys.stderr)
-        record_exit(Path(cfg.train.run_dir), code, line)  # srun reports only the highest code
+        if not isinstance(err, RunFolderBusy):  # never write into another run's folder
+            record_exit(run_folder(cfg), code, line)  # srun reports only the highest code
         raise SystemExit(code) from None
 
 

@@ -71,6 +71,7 @@ from coatnet_scale.checkpoint.layout import (
     verify_on_ranks,
 )
 from coatnet_scale.checkpoint.resume import (
+    ConfigChanges,
     LoadPlan,
     Resume,
     check_compatible,
@@ -105,6 +106,7 @@ __all__ = [
     "LoadPlan",
     "Resume",
     "TrainerState",
+    "ConfigChanges",
     "check_compatible",
     "checkpoint_root",
     "checkpoint_step",

@@ -3,8 +3,11 @@ world size, and loading it; `Resume` is what the trainer sees of all that."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +35,11 @@ from coatnet_scale.checkpoint.layout import (
 )
 from coatnet_scale.checkpoint.save import point_latest, recover
 from coatnet_scale.checkpoint.state import TrainerState, set_rng_state
-from coatnet_scale.config import CheckpointConfig, Config, to_dict
+from coatnet_scale.config import CheckpointConfig, Config
 from coatnet_scale.distributed.collectives import barrier, from_rank0, rank_world
 from coatnet_scale.files import free_name, fsync_dir, remove_tree
 from coatnet_scale.guard import overflow_at_min_scale_skips
-from coatnet_scale.logging import redact_tree
+from coatnet_scale.run_folder import flatten, is_free, saved_form
 from coatnet_scale.seeding import seed_for, seed_rank_streams
 
 if TYPE_CHECKING:
@@ -104,40 +107,73 @@ def find_resume(cfg: CheckpointConfig, run_dir: Path, log: Log) -> Path | None:
     return path
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+@dataclass(frozen=True)
+class ConfigChanges:
+    """Differences between a checkpoint's config and this run's, one 'key: checkpoint X, this
+    run Y' line each: `blocking` (the checkpoint cannot load: `MUST_MATCH`), `guarded` (another
+    experiment: fingerprint keys, `run_folder.py`, not listed in `checkpoint.allow_changes`) and
+    `allowed` (free keys, or listed)."""
+
+    blocking: list[str]
+    guarded: list[str]
+    allowed: list[str]
+
+    def guarded_keys(self) -> list[str]:
+        return [line.split(":", 1)[0] for line in self.guarded]
 
 
-def config_changes(saved: dict[str, Any], cfg: Config) -> tuple[list[str], list[str]]:
-    """(blocking, allowed) differences between a checkpoint's config and this run's, one
-    'key: checkpoint X, this run Y' line each. Blocking ones are `MUST_MATCH` keys. The saved
-    config has its secrets masked: this run's is compared masked the same way."""
-    before, after = _flatten(saved), _flatten(redact_tree(to_dict(cfg)))
-    blocking, allowed = [], []
+def within(key: str, listed: str) -> bool:
+    """`key` is the listed key or under the listed prefix (`optim` covers `optim.eps`)."""
+    listed = listed.rstrip(".")
+    return key == listed or key.startswith(listed + ".")
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> ConfigChanges:
+    """Compare a checkpoint's saved config with this run's. The saved config has its secrets
+    masked: this run's is compared masked the same way."""
+    before, after = flatten(saved), saved_form(cfg)
+    listed = cfg.checkpoint.allow_changes
+    changes = ConfigChanges([], [], [])
     for key in sorted(set(before) | set(after)):
-        if before.get(key) != after.get(key):
-            line = f"{key}: checkpoint {before.get(key)!r}, this run {after.get(key)!r}"
-            (blocking if key.startswith(MUST_MATCH) else allowed).append(line)
-    return blocking, allowed
+        if before.get(key) == after.get(key):
+            continue
+        line = f"{key}: checkpoint {before.get(key)!r}, this run {after.get(key)!r}"
+        # an option newer than the checkpoint (not in its config) ran with its default
+        newer = key not in before
+        if key.startswith(MUST_MATCH):
+            changes.blocking.append(line)
+        elif newer or is_free(key) or any(within(key, a) for a in listed):
+            changes.allowed.append(line)
+        else:
+            changes.guarded.append(line)
+    return changes
 
 
 def check_compatible(ckpt: Path, state: TrainerState, cfg: Config) -> list[str]:
-    """Raise `CheckpointError` naming every blocking difference; return the allowed ones."""
-    blocking, allowed = config_changes(state.config, cfg)
-    if blocking:
+    """Raise `CheckpointError` naming every blocking or guarded difference (and, for guarded
+    ones, the override that allows them); return the allowed ones worth a log line."""
+    changes = config_changes(state.config, cfg)
+    if changes.blocking:
         raise CheckpointError(
             f"checkpoint {ckpt} does not fit this run: "
-            + "; ".join(blocking)
+            + "; ".join(changes.blocking)
             + ". Use the checkpoint's settings, or start a new run folder (export the weights "
             "and pass them as checkpoint.init_from to change the model or the ZeRO stage)"
         )
-    return [line for line in allowed if not line.startswith(("train.run_dir", "checkpoint."))]
+    if changes.guarded:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was trained with other settings: "
+            + "; ".join(changes.guarded)
+            + ". To continue it with these changes add checkpoint.allow_changes="
+            + ",".join(changes.guarded_keys())
+            + "; to train them as a new experiment leave train.run_dir at auto or name another "
+            "folder"
+        )
+    return [
+        line
+        for line in changes.allowed
+        if not line.startswith(("train.run_dir", "checkpoint.resume", "checkpoint.allow_changes"))
+    ]
 
 
 @dataclass(frozen=True)
@@ -157,50 +193,93 @@ def prepare_load(ckpt: Path, saved_world: int, world: int, log: Log) -> LoadPlan
     BF16_Optimizer partitions its fp32 state) rank 0 converts it once with DeepSpeed's
     `ds_to_universal` into `stepN/universal` (written under a temporary name, renamed when
     complete) and the engine loads that.
+
+    The other ranks wait for the result on the filesystem, not in a collective: a conversion of
+    CoAtNet-6/7 can take longer than `distributed.timeout_minutes`, and a collective waiting that
+    long failed the job (and its requeue started the same conversion again). Rank 0 reports
+    progress every minute.
     """
     partitioned = any(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
     if saved_world == world or not partitioned:
         return LoadPlan(ckpt.parent, ckpt.name, universal=False)
     rank, _ = rank_world()
-    failure = None
-    if rank == 0 and not (ckpt / UNIVERSAL).is_dir():
-        log(f"{ckpt.name} was saved by {saved_world} rank(s), this run has {world}: converting it")
-        started = time.perf_counter()
-        failure = convert_to_universal(ckpt)
-        if failure is None:
-            log(f"converted to {ckpt / UNIVERSAL} in {time.perf_counter() - started:.1f} s")
-    failure = from_rank0(failure)
+    attempt = from_rank0(secrets.token_hex(4))  # names this attempt's failure note
+    failed_note = ckpt / f"{TMP_PREFIX}conversion-failed-{attempt}"
+    if rank == 0:
+        failure = None
+        if not (ckpt / UNIVERSAL).is_dir():
+            log(f"{ckpt.name} was saved by {saved_world} rank(s), this run has {world}: converting")
+            started = time.perf_counter()
+            failure = convert_to_universal(ckpt)
+            if failure is None:
+                log(f"converted to {ckpt / UNIVERSAL} in {time.perf_counter() - started:.1f} s")
+            else:
+                failed_note.write_text(failure)
+    else:
+        failure = wait_for_conversion(ckpt, failed_note)
+    barrier()  # every rank has its answer: quick
+    if rank == 0:
+        failed_note.unlink(missing_ok=True)
     if failure:
         raise CheckpointError(failure)
     return LoadPlan(ckpt, UNIVERSAL, universal=True)
 
 
-def convert_to_universal(ckpt: Path) -> str | None:
+def wait_for_conversion(ckpt: Path, failed_note: Path, poll_s: float = 1.0) -> str | None:
+    """Until rank 0's conversion of `ckpt` is complete (None) or has failed (its message)."""
+    while not (ckpt / UNIVERSAL).is_dir():
+        if failed_note.exists():
+            return failed_note.read_text()
+        time.sleep(poll_s)
+    return None
+
+
+def convert_to_universal(ckpt: Path, progress_every_s: float = 60.0) -> str | None:
     """Run DeepSpeed's converter (a subprocess: it forks workers and needs the memory of one
-    consolidated parameter at a time); returns an error message or None."""
-    tmp = ckpt / f"{TMP_PREFIX}{UNIVERSAL}"
-    if tmp.exists():
-        remove_tree(tmp)
+    consolidated parameter at a time; `converter.py` ties it and its workers to this process, so
+    they die with it); returns an error message or None.
+
+    Each conversion writes into its own temporary folder, renamed `universal` when complete:
+    leftovers of a dead run's conversion are removed first and are never written into again.
+    """
+    for leftover in ckpt.glob(f"{TMP_PREFIX}{UNIVERSAL}*"):
+        remove_tree(leftover)
+    tmp = ckpt / f"{TMP_PREFIX}{UNIVERSAL}-{secrets.token_hex(4)}"
     workers = "2"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(ckpt),
-            "--output_folder",
-            str(tmp),
-            "--num_extract_workers",
-            workers,
-            "--num_merge_workers",
-            workers,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "coatnet_scale.checkpoint.converter",
+        str(os.getpid()),
+        "--input_folder",
+        str(ckpt),
+        "--output_folder",
+        str(tmp),
+        "--num_extract_workers",
+        workers,
+        "--num_merge_workers",
+        workers,
+    ]
+    started = time.monotonic()
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
+        reader.start()
+        while True:
+            try:
+                proc.wait(timeout=progress_every_s)
+                break
+            except subprocess.TimeoutExpired:
+                print(
+                    f"converting {ckpt.name} to a universal checkpoint: "
+                    f"{time.monotonic() - started:.0f} s so far",
+                    flush=True,
+                )
+        reader.join()
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        tail = "".join(output).strip().splitlines()[-5:]
         return f"converting {ckpt} to a universal checkpoint failed: " + " | ".join(tail)
     try:
         add_ema_to_universal(ckpt, tmp)

@@ -14,7 +14,6 @@ from coatnet_scale.checkpoint.layout import (
     list_checkpoints,
     verify,
 )
-from coatnet_scale.config import Config, TrainConfig
 from coatnet_scale.distributed.env import expand_nodelist, slurm_tasks_per_node
 
 
@@ -23,14 +22,6 @@ def allocation_tasks(env: Mapping[str, str]) -> int:
     if "SLURM_NTASKS" in env:
         return int(env["SLURM_NTASKS"])
     return int(env.get("SLURM_JOB_NUM_NODES", "1")) * slurm_tasks_per_node(env, 1)
-
-
-def run_dir_override(cfg: Config, env: Mapping[str, str]) -> list[str]:
-    """`train.run_dir=runs/<job name>` when the config leaves the run folder at its default."""
-    default = TrainConfig.__dataclass_fields__["run_dir"].default
-    if cfg.train.run_dir != default or "SLURM_JOB_NAME" not in env:
-        return []
-    return [f"train.run_dir=runs/{env['SLURM_JOB_NAME']}"]
 
 
 def newest_step(run_dir: Path) -> int:

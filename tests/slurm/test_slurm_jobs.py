@@ -1,9 +1,10 @@
 """SLURM jobs on a real local 2-node cluster (tests/slurm/cluster.py): `sbatch
 launch/slurm/pretrain.sbatch` trains the debug model with one rank per node (CPU, gloo),
-evaluates and checkpoints; preempted twice (the time-limit warning USR1, then the preemption
-signal TERM; each time a checkpoint and a requeue) it ends with the same weights, step count and
-sample accounting as an uninterrupted job, in one wandb run; a killed task ends the job step at
-once with the failed rank named, and the requeued job resumes.
+evaluates and checkpoints; interrupted in each way SLURM has (an operator's USR1, preemption's
+TERM, an operator's `scontrol requeue`, SLURM's own time-limit warning; each time a checkpoint and
+a requeue) it ends with the same weights, step count and sample accounting as an uninterrupted
+job, in one wandb run; a killed task ends the job step at once with the failed rank named, and the
+requeued job resumes; a warning lead longer than the time limit is reported when the job starts.
 
 Skipped, with the reason, only where the cluster cannot be started (not root)."""
 
@@ -50,7 +51,9 @@ def data(tmp_path_factory) -> list[str]:
     return [f"data.train_shards={train}", f"data.val_shards={val}"]
 
 
-def submit(cluster: LocalCluster, name: str, run: Path, data: list[str], *overrides: str) -> str:
+def submit(
+    cluster: LocalCluster, name: str, run: Path, data: list[str], *overrides: str, minutes: int = 20
+) -> str:
     run.mkdir(parents=True, exist_ok=True)
     args = [
         "sbatch",
@@ -59,7 +62,7 @@ def submit(cluster: LocalCluster, name: str, run: Path, data: list[str], *overri
         "--ntasks-per-node=1",
         "--gpus-per-node=1",
         "--cpus-per-task=1",
-        "--time=20",
+        f"--time={minutes}",
         f"--job-name={name}",
         f"--output={run}/slurm-%j.out",
         "launch/slurm/pretrain.sbatch",
@@ -160,69 +163,88 @@ def pending(pid: int, signum: int) -> bool:
     return any(int(mask, 16) >> (signum - 1) & 1 for mask in masks)
 
 
-def signal_paused_tasks(cluster: LocalCluster, job_id: str, sig: str) -> None:
-    """`scancel --signal=SIG` while the training tasks are stopped (SIGSTOP), then let them go
-    on: the signal reaches them mid-run, however fast the machine trains the remaining steps
-    (without the pause, a fast machine finished all steps before SLURM delivered it)."""
+def interrupt_paused_tasks(cluster: LocalCluster, job_id: str, how: str) -> None:
+    """Interrupt the job the way `how` names while its training tasks are stopped (SIGSTOP), then
+    let them go on: the signal reaches them mid-run, however fast the machine trains the
+    remaining steps (without the pause, a fast machine finished all steps before SLURM
+    delivered it).
+
+    USR1: an operator's `scancel --signal=USR1` (a signal only); TERM: what SLURM sends every task
+    when it preempts a job (PreemptMode=REQUEUE); requeue: an operator's `scontrol requeue`;
+    timelimit: SLURM's own time-limit warning (`--signal=USR1@300`), due at once when the time
+    limit is cut to 5 minutes."""
     pids = training_pids(job_id)
     assert len(pids) == 2, f"training processes of job {job_id}: {pids}"
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
-        cluster.run("scancel", f"--signal={sig}", job_id)
+        if how in ("USR1", "TERM"):
+            cluster.run("scancel", f"--signal={how}", job_id)
+        elif how == "requeue":
+            cluster.run("scontrol", "requeue", job_id)
+        else:
+            cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=5")
+        sig = {"USR1": "USR1", "TERM": "TERM", "requeue": "TERM", "timelimit": "USR1"}[how]
         signum = signal.Signals[f"SIG{sig}"].value
         wait_for(
-            lambda: all(pending(pid, signum) for pid in pids), f"{sig} to reach the tasks", 300
+            lambda: all(pending(pid, signum) for pid in pids), f"{how} to reach the tasks", 300
         )
     finally:
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # slurmd's SIGCONT+SIGTERM ended it
+                os.kill(pid, signal.SIGCONT)
 
 
-def test_preempted_twice_the_job_ends_like_an_uninterrupted_one(cluster, data, tmp_path) -> None:
-    reference, preempted = tmp_path / "reference", tmp_path / "preempted"
+INTERRUPTIONS = ("USR1", "TERM", "requeue", "timelimit")
+
+
+def test_every_way_slurm_interrupts_a_job_ends_like_an_uninterrupted_one(
+    cluster, data, tmp_path
+) -> None:
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     ref_job = submit(cluster, "reference", reference, data)
-    job_id = submit(cluster, "preempted", preempted, data)
+    job_id = submit(cluster, "interrupted", interrupted, data)
     # The two jobs share the 2 nodes: the second starts when the first ends.
     wait_for(lambda: finished(cluster, ref_job), "the reference job")
     assert job(cluster, ref_job)["JobState"] == "COMPLETED", job_log(reference)
 
-    # USR1: the warning `--signal=USR1@300` sends before the time limit; TERM: what SLURM sends
-    # every task when it preempts a job (PreemptMode=REQUEUE) or scancel does.
-    # Each time two steps into the restart: the debug model trains a step in tens of
+    # Each time two steps into the attempt: the debug model trains a step in tens of
     # milliseconds here, so the steps are watched closely and the tasks paused for the signal.
-    for restart, sig in ((0, "USR1"), (1, "TERM")):
+    for restart, how in enumerate(INTERRUPTIONS):
         wait_for(lambda r=restart: job(cluster, job_id).get("Restarts") == str(r), "the restart")
-        begun = logged_step(preempted)
-        wait_for(lambda b=begun: logged_step(preempted) >= b + 2, "two steps", poll=0.005)
-        signal_paused_tasks(cluster, job_id, sig)
+        begun = logged_step(interrupted)
+        wait_for(lambda b=begun: logged_step(interrupted) >= b + 2, "two steps", poll=0.005)
+        interrupt_paused_tasks(cluster, job_id, how)
         wait_for(lambda r=restart: job(cluster, job_id).get("Restarts") == str(r + 1), "requeue")
+        if how == "timelimit":  # the next attempt gets its 20 minutes back
+            cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=20")
         release(cluster, job_id)
-    wait_for(lambda: finished(cluster, job_id), "the preempted job")
-    log = job_log(preempted)
+    wait_for(lambda: finished(cluster, job_id), "the interrupted job")
+    log = job_log(interrupted)
     assert job(cluster, job_id)["JobState"] == "COMPLETED", log[-3000:]
 
-    assert log.count("stop requested (SIGUSR1)") == 1
-    assert log.count("stop requested (SIGTERM)") == 1
-    assert log.count("the tasks stopped after a checkpoint at step") == 2
-    assert "requeueing (restart 1 of" in log and "requeueing (restart 2 of" in log
-    assert log.count("resumed from") == 2
+    assert log.count("stop requested (SIGUSR1)") == 2  # the operator's, the time limit's
+    assert log.count("stop requested (SIGTERM)") == 2  # preemption, scontrol requeue
+    assert log.count("the tasks stopped after a checkpoint at step") == 4
+    assert len(re.findall(r"requeueing \(step \d+ -> \d+\)", log)) == 4  # each made progress
+    assert log.count("resumed from") == 4
     # Same final step, same samples, bitwise the same weights as the uninterrupted job.
-    last = preempted / "checkpoints" / checkpoint.step_name(STEPS)
+    last = interrupted / "checkpoints" / checkpoint.step_name(STEPS)
     state = checkpoint.TrainerState.read(last)
     ref_state = checkpoint.TrainerState.read(reference / "checkpoints" / last.name)
     assert state.data == ref_state.data and state.data["samples_consumed"] == STEPS * 8
-    got, want = final_weights(preempted), final_weights(reference)
+    got, want = final_weights(interrupted), final_weights(reference)
     assert all(torch.equal(got[k], want[k]) for k in want)
-    # One wandb run: three offline segments carrying the same id.
-    run_id = (preempted / "wandb_run_id").read_text().strip()
-    segments = sorted((preempted / "wandb").glob("offline-run-*"))
-    assert len(segments) == 3 and all(s.name.endswith(run_id) for s in segments)
+    # One wandb run: five offline segments carrying the same id.
+    run_id = (interrupted / "wandb_run_id").read_text().strip()
+    segments = sorted((interrupted / "wandb").glob("offline-run-*"))
+    assert len(segments) == 5 and all(s.name.endswith(run_id) for s in segments)
     assert state.wandb_run_id == run_id
     # Evaluated at the end, and one metrics record per step despite the restarts.
-    records = [json.loads(x) for x in (preempted / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, STEPS + 1))
     assert any("val_top1" in r for r in records)
+    assert not (interrupted / "owner.json").exists()  # every attempt released its folder
 
 
 def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
@@ -243,10 +265,29 @@ def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
     log = job_log(run)
     assert job(cluster, job_id)["JobState"] == "COMPLETED", log[-3000:]
     assert re.search(r"srun: error: n2: task 1: Killed", log), log[-3000:]
-    assert "the training step failed (exit code" in log and "requeueing (restart 1 of" in log
+    assert "the training step failed (exit code" in log and "requeueing (step" in log
     resumed = re.findall(r"resumed from (\S+) \(step (\d+)", log)
     assert resumed and int(resumed[0][1]) >= checkpoint.checkpoint_step(newest)
     assert checkpoint.verify(run / "checkpoints" / checkpoint.step_name(STEPS)) == []
+
+
+def test_a_warning_lead_longer_than_the_time_limit_is_reported_at_start(
+    cluster, data, tmp_path
+) -> None:
+    """The sbatch's USR1@300 against a 1-minute limit: SLURM would tell every attempt to stop
+    right after start-up; the supervisor says so, with the fix, before srun starts."""
+    run = tmp_path / "short"
+    job_id = submit(cluster, "short", run, data, minutes=1)
+    try:
+        wait_for(lambda: "srun" in job_log(run), "the attempt to start")
+    finally:
+        cluster.run("scancel", job_id, check=False)
+    log = job_log(run)
+    assert "WARNING: the time-limit warning comes 300 s before the limit" in log, log[-3000:]
+    assert "#SBATCH --signal=USR1@300 in the batch script" in log
+    assert "job's time limit is 60 s: every attempt is told to stop 0 s after" in log
+    assert "Fix: a longer --time (well above 120 s), with --signal=USR1@60" in log
+    assert log.index("WARNING: the time-limit warning") < log.index("srun --kill-on-bad-exit")
 
 
 def test_the_hostfile_for_deepspeeds_launcher_lists_the_allocation(cluster, tmp_path) -> None:

@@ -158,10 +158,14 @@ def test_retention_keeps_the_newest_and_every_nth(tmp_path: Path) -> None:
     assert checkpoint.retention(committed[:2], keep_last=3, keep_every=0) == []
 
 
-def test_config_changes_split_into_blocking_and_allowed() -> None:
+def test_config_changes_split_into_blocking_guarded_and_allowed() -> None:
     saved = to_dict(load_config([], ["model.name=coatnet0"]))
-    cfg = load_config([], ["model.name=coatnet1", "optim.lr=5e-4", "zero.stage=3"])
-    blocking, allowed = checkpoint.config_changes(saved, cfg)
+    cfg = load_config(
+        [], ["model.name=coatnet1", "optim.lr=5e-4", "zero.stage=3", "optim.eps=1e-6"]
+    )
+    changes = checkpoint.config_changes(saved, cfg)
+    blocking, allowed = changes.blocking, changes.allowed
+    assert [line.split(":")[0] for line in changes.guarded] == ["optim.eps"]
     assert any(
         line.startswith("model.name: checkpoint 'coatnet0', this run 'coatnet1'")
         for line in blocking

@@ -166,9 +166,10 @@ def test_logger_writes_jsonl_keeps_wandb_id_and_hides_secrets(tmp_path: Path, mo
     secret_cfg = load_config(overrides=["logging.wandb_entity=s3cr3t-value-123"])
     state = TrainerState.of(secret_cfg, 1, {}, 0, None, 1)
     assert "s3cr3t-value-123" not in state.to_json() and '"wandb_entity": "***"' in state.to_json()
-    from coatnet_scale.checkpoint import config_changes
+    from coatnet_scale.checkpoint import ConfigChanges, config_changes
 
-    assert config_changes(state.config, secret_cfg) == ([], [])  # no false "changed" on resume
+    # no false "changed" on resume
+    assert config_changes(state.config, secret_cfg) == ConfigChanges([], [], [])
 
 
 def test_a_broken_wandb_does_not_stop_the_run(tmp_path: Path, monkeypatch, capsys) -> None:
