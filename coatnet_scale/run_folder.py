@@ -3,12 +3,12 @@
 An experiment is its config minus what a user legitimately changes while it runs: how long it
 runs and its learning-rate schedule, how often it saves, logs and evaluates, where it logs, the
 EMA kept beside the weights (it can start late), and how the work is laid out on the hardware
-(micro-batch, offload, recomputation, compile, timeouts). The rest is the experiment's fingerprint. The default folder is
-`runs/<model>-<fingerprint>`: the same command (a new sbatch of it included) finds its own
-checkpoints, a command that only extends or re-schedules the run continues it, and any other
-command trains elsewhere. An explicit `train.run_dir` gets the same protection at resume
-(`checkpoint/resume.py`): a checkpoint whose fingerprint keys differ is refused unless the
-differing keys are listed in `checkpoint.allow_changes`.
+(micro-batch, offload, recomputation, compile, timeouts). The rest is the experiment's
+fingerprint. The default folder is `runs/<model>-<fingerprint>`: the same command (a new sbatch
+of it included) finds its own checkpoints, a command that only extends or re-schedules the run
+continues it, and any other command trains elsewhere. An explicit `train.run_dir` gets the same
+protection at resume (`checkpoint/resume.py`): a checkpoint whose fingerprint keys differ is
+refused unless the differing keys are listed in `checkpoint.allow_changes`.
 """
 
 from __future__ import annotations
