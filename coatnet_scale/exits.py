@@ -9,11 +9,13 @@ the SLURM job (`launch/slurm/supervisor.py`) does on each, and what a user's scr
     3     data error: bad samples above data.max_bad_fraction      never requeued
     4     checkpoint error: nothing loadable, a failed conversion  never requeued
     5     non-finite steps: train.max_nonfinite_steps in a row     never requeued
+    6     the run folder belongs to another live run (nothing is   never requeued; nothing
+          written there)                                           written into the folder
     75    stopped on a signal after a checkpoint (EX_TEMPFAIL)     requeued
     other a crash: a bug, a killed task, a lost node               requeued from the newest
                                                                    checkpoint
 
-The codes 2-5 fail the same way when run again (a requeue resumes from the same checkpoint with
+The codes 2-6 fail the same way when run again (a requeue resumes from the same checkpoint with
 the same data order and seeds), so they end the job with the line that says what to change.
 srun reports the highest exit code of its tasks, or 128 + the signal of one it killed: when one
 rank fails first, srun kills the others and its code says "killed". So a rank that exits with
@@ -34,6 +36,7 @@ EXIT_SETUP = 2
 EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
 EXIT_NONFINITE = 5
+EXIT_FOLDER_BUSY = 6
 EXIT_STOPPED = 75
 
 # the codes a requeue cannot fix, with what the job says about them
@@ -42,6 +45,7 @@ NOT_REQUEUED = {
     EXIT_DATA: "stopped on bad data (the 'data error' line above names the samples)",
     EXIT_CHECKPOINT: "stopped on a checkpoint it cannot use (the 'checkpoint error' line above)",
     EXIT_NONFINITE: "stopped after too many non-finite steps (train.max_nonfinite_steps)",
+    EXIT_FOLDER_BUSY: "found its run folder owned by another run (the 'run folder in use' line)",
 }
 
 EXIT_REASON_FILE = "exit_reason.json"

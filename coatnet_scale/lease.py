@@ -3,13 +3,16 @@
 Two runs in one folder destroy each other: the start-up recovery of one deletes the other's
 checkpoint being written, retention deletes its checkpoints, both append to one metrics file.
 `flock` alone does not guard this: it is not reliable across the nodes of every shared
-filesystem, and a frozen node keeps its lock. So the owner writes a lease (host, pid, SLURM job,
-a random token) with O_EXCL, renews its heartbeat every `HEARTBEAT_S` from a thread, and removes
-it on any exit it survives. A second run refuses within seconds, naming the owner. A lease is
-taken over, with a message, when its owner is provably gone:
+filesystem, and a frozen node keeps its lock. So the owner writes a lease (host, pid, SLURM job
+and attempt, a random token) with O_EXCL, never rewrites it, renews its heartbeat (the file's
+modification time: a late renewal can only refresh, never overwrite, a new owner's lease) every
+`HEARTBEAT_S` from a thread, and removes it on any exit it survives. A second run refuses within
+seconds, naming the owner. A lease is taken over, with a message, when its owner is provably
+gone:
 
 - its process no longer exists on this host (a SIGKILL, an OOM kill);
-- it belongs to an earlier attempt of this SLURM job (a requeue runs on other nodes);
+- it belongs to an earlier attempt of this SLURM job (`SLURM_RESTART_COUNT` below ours: a
+  requeue runs on other nodes; two runs inside one allocation still refuse each other);
 - its heartbeat is older than `STALE_S` (a dead or unreachable node elsewhere).
 
 The owner notices if its lease was taken over while it was frozen (`lost`); the trainer then stops
@@ -44,15 +47,17 @@ class Owner:
     host: str
     pid: int
     job: str  # SLURM_JOB_ID, or "" outside SLURM
+    attempt: int  # SLURM_RESTART_COUNT (0 outside SLURM)
     token: str
     started: float
-    heartbeat: float
+    heartbeat: float  # the lease file's modification time when read
 
     @classmethod
     def me(cls) -> Owner:
         now = time.time()
         job = os.environ.get("SLURM_JOB_ID", "")
-        return cls(socket.gethostname(), os.getpid(), job, secrets.token_hex(8), now, now)
+        attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        return cls(socket.gethostname(), os.getpid(), job, attempt, secrets.token_hex(8), now, now)
 
     def describe(self, now: float) -> str:
         job = f", SLURM job {self.job}" if self.job else ""
@@ -77,9 +82,9 @@ def read_lease(path: Path) -> Owner | None:
     except FileNotFoundError:
         return None
     try:
-        return Owner(**json.loads(text))
+        return Owner(**(json.loads(text) | {"heartbeat": mtime}))
     except (json.JSONDecodeError, TypeError):
-        return Owner("?", -1, "", "", mtime, mtime)
+        return Owner("?", -1, "", 0, "", mtime, mtime)
 
 
 def process_alive(pid: int) -> bool:
@@ -96,8 +101,8 @@ def gone_because(owner: Owner, me: Owner, now: float) -> str | None:
     """Why `owner` provably no longer runs, or None if it may still."""
     if owner.host == me.host and owner.pid > 0 and not process_alive(owner.pid):
         return f"its process {owner.pid} on {owner.host} is gone"
-    if owner.job and owner.job == me.job and (owner.host, owner.pid) != (me.host, me.pid):
-        return f"it is an earlier attempt of SLURM job {owner.job}"
+    if owner.job and owner.job == me.job and owner.attempt < me.attempt:
+        return f"it is an earlier attempt ({owner.attempt}) of SLURM job {owner.job}"
     if now - owner.heartbeat > STALE_S:
         return f"its heartbeat is {now - owner.heartbeat:.0f} s old (> {STALE_S:.0f} s)"
     return None
@@ -117,6 +122,18 @@ def live_owner(run_dir: Path) -> Owner | None:
     if owner is None or gone_because(owner, Owner.me(), time.time()) is not None:
         return None
     return owner
+
+
+def may_write(run_dir: Path) -> bool:
+    """Whether this process may leave a note in `run_dir`: nobody owns it, or this run does (this
+    process, or another task of this SLURM job attempt). An error before the lease was taken
+    must not write into another live run's folder."""
+    owner = live_owner(run_dir)
+    if owner is None:
+        return True
+    me = Owner.me()
+    same_attempt = bool(owner.job) and (owner.job, owner.attempt) == (me.job, me.attempt)
+    return owner.pid == me.pid and owner.host == me.host or same_attempt
 
 
 class Lease:
@@ -183,16 +200,15 @@ class Lease:
         return True
 
     def renew(self) -> None:
-        """Refresh the heartbeat if the lease is still ours; otherwise record that it was lost."""
+        """Refresh the heartbeat if the lease is still ours; otherwise record that it was lost.
+        (Between the check and the touch another run may have taken the folder over: the touch
+        then refreshes its lease, which is harmless, and the next renewal finds it lost.)"""
         current = read_owner(self.run_dir)
         if current is None or current.token != self.owner.token:
             holder = current.describe(time.time()) if current else "nobody"
             self.lost = f"the run folder's lease was taken over (now held by {holder})"
             return
-        beat = Owner(**(asdict(self.owner) | {"heartbeat": time.time()}))
-        tmp = self.path.with_name(f"{LEASE_FILE}.{self.owner.token}.tmp")
-        tmp.write_text(json.dumps(asdict(beat)))
-        os.replace(tmp, self.path)
+        os.utime(self.path)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S) and self.lost is None:

@@ -60,6 +60,11 @@ FREE_KEYS = (
 )
 
 
+# In the fingerprint (a fine-tune from other weights is another experiment) but not checked at a
+# resume: the run's own checkpoint replaces the initial weights.
+IGNORED_ON_RESUME = ("checkpoint.init_from", "checkpoint.init_ema")
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}: config trees compared key by key."""
     out: dict[str, Any] = {}
@@ -81,8 +86,15 @@ def saved_form(cfg: Config) -> dict[str, Any]:
 
 
 def fingerprint(cfg: Config) -> str:
-    """10 hex digits of the SHA-256 of the fingerprint keys and their values."""
-    keys = {k: v for k, v in saved_form(cfg).items() if not is_free(k)}
+    """10 hex digits of the SHA-256 of the fingerprint keys whose values differ from the defaults
+    (with their values): a new option, added with a default, leaves every existing experiment's
+    folder where it was."""
+    defaults = saved_form(Config())
+    keys = {
+        k: v
+        for k, v in saved_form(cfg).items()
+        if not is_free(k) and (k not in defaults or defaults[k] != v)
+    }
     canonical = json.dumps(keys, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 

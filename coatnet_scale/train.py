@@ -282,6 +282,8 @@ def own_run_folder(run_dir: Path, is_main: bool, log) -> Iterator[Lease | None]:
             lease = Lease.take(run_dir, log)
         except RunFolderBusy as err:
             refusal = str(err)
+        except OSError as err:  # every rank must hear of it, not wait in the broadcast below
+            refusal = f"cannot take the run folder {run_dir}: {err}"
     refusal = from_rank0(refusal)
     if refusal is not None:
         raise RunFolderBusy(refusal)
@@ -299,7 +301,8 @@ def record_stop(
     it (now, when only other ranks did). The SLURM supervisor measures the warning signal's lead
     before the time limit from it (launch/slurm/warning.py)."""
     record = {"signal": signum.name, "received_at": received_at or time.time(), "step": step}
-    atomic_write_text(run_dir / STOP_FILE, json.dumps(record))
+    with contextlib.suppress(OSError):  # a note for the supervisor: never a reason to hang
+        atomic_write_text(run_dir / STOP_FILE, json.dumps(record))
 
 
 def write_run_config(cfg: Config, run_dir: Path, is_main: bool) -> None:

@@ -23,6 +23,7 @@ from coatnet_scale.exits import (
     EXIT_CHECKPOINT,
     EXIT_DATA,
     EXIT_FINISHED,
+    EXIT_FOLDER_BUSY,
     EXIT_NONFINITE,
     EXIT_SETUP,
     EXIT_STOPPED,
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     from coatnet_scale.data.pipeline import DataError
     from coatnet_scale.distributed.device import DeviceError
     from coatnet_scale.guard import NonFiniteError
-    from coatnet_scale.lease import RunFolderBusy
+    from coatnet_scale.lease import RunFolderBusy, may_write
     from coatnet_scale.run_folder import run_folder
     from coatnet_scale.train import train
 
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     # change, and the exit code of coatnet_scale.exits (the SLURM job does not requeue them).
     known = (
         (DeviceError, "device error", EXIT_SETUP),
-        (RunFolderBusy, "run folder in use", EXIT_SETUP),
+        (RunFolderBusy, "run folder in use", EXIT_FOLDER_BUSY),
         (DataError, "data error", EXIT_DATA),
         (CheckpointError, "checkpoint error", EXIT_CHECKPOINT),
         (NonFiniteError, "non-finite steps", EXIT_NONFINITE),
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         what, code = next((w, c) for kind, w, c in known if isinstance(err, kind))
         line = redact(f"rank {env.rank}: {what}: {err}")
         print(line, file=sys.stderr)
-        if not isinstance(err, RunFolderBusy):  # never write into another run's folder
+        if may_write(run_folder(cfg)) and not isinstance(err, RunFolderBusy):
             record_exit(run_folder(cfg), code, line)  # srun reports only the highest code
         raise SystemExit(code) from None
 

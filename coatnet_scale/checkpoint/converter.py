@@ -7,7 +7,8 @@ trainer runs the converter through this module, which
 
 1. asks the kernel for SIGTERM when its parent dies (`prctl(PR_SET_PDEATHSIG)`, Linux), and
    exits at once if the parent is already gone;
-2. leads a new session, so the converter's workers are in its process group;
+2. leads its own session (the trainer starts it with `start_new_session`), so the converter's
+   workers are in its process group;
 3. on SIGTERM kills that whole group (itself, the workers) with SIGKILL;
 4. runs DeepSpeed's converter in this process.
 
@@ -45,7 +46,6 @@ def kill_group(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str]) -> None:
     parent, args = int(argv[0]), argv[1:]
-    os.setsid()
     signal.signal(signal.SIGTERM, kill_group)
     die_with_parent(parent)
     from deepspeed.checkpoint import ds_to_universal

@@ -3,8 +3,10 @@ world size, and loading it; `Resume` is what the trainer sees of all that."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -37,9 +39,9 @@ from coatnet_scale.checkpoint.save import point_latest, recover
 from coatnet_scale.checkpoint.state import TrainerState, set_rng_state
 from coatnet_scale.config import CheckpointConfig, Config
 from coatnet_scale.distributed.collectives import barrier, from_rank0, rank_world
-from coatnet_scale.files import free_name, fsync_dir, remove_tree
+from coatnet_scale.files import atomic_write_text, free_name, fsync_dir, remove_tree
 from coatnet_scale.guard import overflow_at_min_scale_skips
-from coatnet_scale.run_folder import flatten, is_free, saved_form
+from coatnet_scale.run_folder import IGNORED_ON_RESUME, flatten, is_free, saved_form
 from coatnet_scale.seeding import seed_for, seed_rank_streams
 
 if TYPE_CHECKING:
@@ -142,7 +144,9 @@ def config_changes(saved: dict[str, Any], cfg: Config) -> ConfigChanges:
         newer = key not in before
         if key.startswith(MUST_MATCH):
             changes.blocking.append(line)
-        elif newer or is_free(key) or any(within(key, a) for a in listed):
+        elif (
+            newer or is_free(key) or key in IGNORED_ON_RESUME or any(within(key, a) for a in listed)
+        ):
             changes.allowed.append(line)
         else:
             changes.guarded.append(line)
@@ -210,11 +214,14 @@ def prepare_load(ckpt: Path, saved_world: int, world: int, log: Log) -> LoadPlan
         if not (ckpt / UNIVERSAL).is_dir():
             log(f"{ckpt.name} was saved by {saved_world} rank(s), this run has {world}: converting")
             started = time.perf_counter()
-            failure = convert_to_universal(ckpt)
+            try:
+                failure = convert_to_universal(ckpt)
+            except Exception as err:  # the waiting ranks must hear of any failure
+                failure = f"converting {ckpt} to a universal checkpoint failed: {err!r}"
             if failure is None:
                 log(f"converted to {ckpt / UNIVERSAL} in {time.perf_counter() - started:.1f} s")
             else:
-                failed_note.write_text(failure)
+                atomic_write_text(failed_note, failure or "failed")
     else:
         failure = wait_for_conversion(ckpt, failed_note)
     barrier()  # every rank has its answer: quick
@@ -229,7 +236,7 @@ def wait_for_conversion(ckpt: Path, failed_note: Path, poll_s: float = 1.0) -> s
     """Until rank 0's conversion of `ckpt` is complete (None) or has failed (its message)."""
     while not (ckpt / UNIVERSAL).is_dir():
         if failed_note.exists():
-            return failed_note.read_text()
+            return failed_note.read_text() or "the conversion failed"
         time.sleep(poll_s)
     return None
 
@@ -261,12 +268,17 @@ def convert_to_universal(ckpt: Path, progress_every_s: float = 60.0) -> str | No
         workers,
     ]
     started = time.monotonic()
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        output: list[str] = []
-        reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
-        reader.start()
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, with the workers it forks
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    try:
         while True:
             try:
                 proc.wait(timeout=progress_every_s)
@@ -277,7 +289,13 @@ def convert_to_universal(ckpt: Path, progress_every_s: float = 60.0) -> str | No
                     f"{time.monotonic() - started:.0f} s so far",
                     flush=True,
                 )
-        reader.join()
+    finally:
+        # The converter leads its own process group: whatever of it is left (workers orphaned
+        # by an OOM-killed converter would also hold the output pipe open) goes with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=10)
     if proc.returncode != 0:
         tail = "".join(output).strip().splitlines()[-5:]
         return f"converting {ckpt} to a universal checkpoint failed: " + " | ".join(tail)

@@ -54,6 +54,7 @@ from coatnet_scale.distributed.env import slurm_tasks_per_node
 from coatnet_scale.distributed.slurm import allocation_tasks, hostfile, newest_step
 from coatnet_scale.exits import (
     EXIT_FINISHED,
+    EXIT_FOLDER_BUSY,
     EXIT_REASON_FILE,
     EXIT_SETUP,
     EXIT_STOPPED,
@@ -145,11 +146,13 @@ def decide(
 STALLED_FILE = "stalled_attempts.json"
 
 
-def read_stalled(run_dir: Path) -> int:
-    """Attempts in a row without a new checkpoint, as the previous attempt of the job left it."""
+def read_stalled(run_dir: Path, job: str) -> int:
+    """Attempts in a row without a new checkpoint, as the previous attempt of this job left it
+    (a new job, after the cause was fixed, starts from 0)."""
     try:
-        return int(json.loads((run_dir / STALLED_FILE).read_text())["stalled"])
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads((run_dir / STALLED_FILE).read_text())
+        return int(record["stalled"]) if record.get("job") == job else 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return 0
 
 
@@ -182,8 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = run_folder(cfg)
     owner = live_owner(run_dir)
     if owner is not None:  # before srun: seconds, not a multi-node start
-        log(f"config error: {busy_message(run_dir, owner, time.time())}")
-        return EXIT_SETUP
+        log(f"run folder in use: {busy_message(run_dir, owner, time.time())}")
+        return EXIT_FOLDER_BUSY
     times = warning.job_times(env["SLURM_JOB_ID"])
     for problem in warning.check(run_dir, env["SLURM_JOB_ID"], times):
         log(f"WARNING: {problem}")
@@ -195,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     (run_dir / EXIT_REASON_FILE).unlink(missing_ok=True)  # only this attempt's counts
     before, attempt_start = newest_step(run_dir), time.time()
     returncode = subprocess.run(command).returncode
+    if returncode == EXIT_FOLDER_BUSY:  # another run owns the folder: leave it alone
+        log(f"the training step {NOT_REQUEUED[returncode]}; not requeueing")
+        return returncode
     warning.record_measured_lead(run_dir, times, attempt_start)
     recorded = recorded_exit(run_dir)
     if recorded is not None and returncode not in (0, EXIT_STOPPED):
@@ -206,12 +212,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         before,
         newest_step(run_dir),
         cfg.train.total_steps,
-        read_stalled(run_dir),
+        read_stalled(run_dir, env["SLURM_JOB_ID"]),
         cfg.distributed.max_requeues,
     )
     log(decision.message)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / STALLED_FILE, json.dumps({"stalled": decision.stalled}))
+    record = {"job": env["SLURM_JOB_ID"], "stalled": decision.stalled}
+    atomic_write_text(run_dir / STALLED_FILE, json.dumps(record))
     if decision.requeue:
         requeue = subprocess.run(
             ["scontrol", "requeue", env["SLURM_JOB_ID"]], capture_output=True, text=True

@@ -129,11 +129,11 @@ def test_a_converter_dies_with_its_trainer_and_the_next_start_converts_afresh(
     )
     try:
         deadline = time.monotonic() + 600
-        while not converters():
-            assert trainer.poll() is None, "the trainer ended before it converted"
-            assert time.monotonic() < deadline, "no conversion started"
-            time.sleep(0.05)
-        time.sleep(1.0)  # inside the conversion: DeepSpeed imported, workers forked
+        # inside the conversion: the converter and its two extraction workers are running
+        while len(converters()) < 3:
+            assert trainer.poll() is None, "the trainer ended before the conversion's workers"
+            assert time.monotonic() < deadline, "no conversion workers started"
+            time.sleep(0.01)
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
     finally:

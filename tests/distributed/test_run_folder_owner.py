@@ -67,7 +67,7 @@ def test_a_live_folder_is_refused_and_a_killed_owners_folder_is_taken_over(tmp_p
         assert run.name.startswith("coatnet_debug-") and (run / "owner.json").exists()
 
         second = run_bounded(command(manifest, 100_000), work, env)
-        assert second.returncode == 2, second.stderr[-3000:]
+        assert second.returncode == 6, second.stderr[-3000:]  # EXIT_FOLDER_BUSY
         assert first.poll() is None  # refused while the owner runs, not after it
         refusal = [line for line in second.stderr.splitlines() if "run folder in use" in line]
         assert refusal and f"is in use by another run (pid {first.pid} on " in refusal[0]

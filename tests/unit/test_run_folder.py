@@ -64,6 +64,22 @@ def test_the_default_folder_is_one_per_experiment() -> None:
     assert folder("train.run_dir=/ckpt/mine") == Path("/ckpt/mine")
 
 
+def test_a_new_option_at_its_default_leaves_the_folder_where_it_was(monkeypatch) -> None:
+    """Options added in a later version (with their defaults) must not move a campaign to a new
+    folder, which would restart it from step 0."""
+    import coatnet_scale.run_folder as run_folder_module
+
+    cfg = load_config([], ["model.name=coatnet_debug", "optim.weight_decay=0.1"])
+    before = run_folder(cfg)
+    real = run_folder_module.saved_form
+
+    def with_a_new_option(config):
+        return real(config) | {"data.new_option": 0.5}  # as if the option had always existed
+
+    monkeypatch.setattr(run_folder_module, "saved_form", with_a_new_option)
+    assert run_folder(cfg) == before
+
+
 def test_resuming_another_experiment_is_refused_naming_the_override(tmp_path: Path) -> None:
     from coatnet_scale.checkpoint import TrainerState
 
@@ -83,6 +99,11 @@ def test_resuming_another_experiment_is_refused_naming_the_override(tmp_path: Pa
     # a prefix allows the keys under it; the model never (the checkpoint cannot load)
     assert not config_changes(
         state.config, load_config([], [*changed, "checkpoint.allow_changes=optim"])
+    ).guarded
+    # the initial weights matter only to a fresh run: a resume without init_from is no change
+    finetune = load_config([], ["model.name=coatnet_debug", "checkpoint.init_from=/w.safetensors"])
+    assert not config_changes(
+        to_dict(finetune), load_config([], ["model.name=coatnet_debug"])
     ).guarded
     other_model = load_config([], ["model.name=coatnet0", "checkpoint.allow_changes=model"])
     assert config_changes(state.config, other_model).blocking
@@ -136,17 +157,22 @@ def test_a_lease_whose_owner_is_gone_is_taken_over_with_a_message(tmp_path: Path
     plant(tmp_path / "a", pid=dead.pid)
     Lease.take(tmp_path / "a", messages.append).release()
     assert f"its process {dead.pid} on" in messages[-1]
-    # an earlier attempt of this SLURM job, on another node
-    os.environ["SLURM_JOB_ID"] = "4242"
+    # an earlier attempt of this SLURM job, on another node; the same attempt (another run in
+    # the same allocation) is refused
+    os.environ.update(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="2")
     try:
-        plant(tmp_path / "b", host="node-that-died", pid=1, job="4242")
+        plant(tmp_path / "b", host="node-that-died", pid=1, job="4242", attempt=1)
         Lease.take(tmp_path / "b", messages.append).release()
-        assert "earlier attempt of SLURM job 4242" in messages[-1]
+        assert "earlier attempt (1) of SLURM job 4242" in messages[-1]
+        plant(tmp_path / "b2", host="other-node", pid=1, job="4242", attempt=2)
+        with pytest.raises(RunFolderBusy, match="SLURM job 4242"):
+            Lease.take(tmp_path / "b2", messages.append)
     finally:
-        del os.environ["SLURM_JOB_ID"]
-    # another node whose heartbeat stopped
+        del os.environ["SLURM_JOB_ID"], os.environ["SLURM_RESTART_COUNT"]
+    # another node whose heartbeat (the lease file's modification time) stopped
     old = time.time() - STALE_S - 5
-    plant(tmp_path / "c", host="frozen-node", pid=1, heartbeat=old)
+    plant(tmp_path / "c", host="frozen-node", pid=1)
+    os.utime(tmp_path / "c" / LEASE_FILE, (old, old))
     Lease.take(tmp_path / "c", messages.append).release()
     assert "heartbeat is" in messages[-1]
     # another node that is alive: refused
@@ -158,10 +184,13 @@ def test_a_lease_whose_owner_is_gone_is_taken_over_with_a_message(tmp_path: Path
 
 def test_an_owner_whose_lease_was_taken_over_knows_it_and_leaves_it(tmp_path: Path) -> None:
     lease = Lease.take(tmp_path, print)
+    written = (tmp_path / LEASE_FILE).read_text()
+    os.utime(tmp_path / LEASE_FILE, (1.0, 1.0))
     lease.renew()
     assert lease.lost is None
     beat = read_owner(tmp_path)
-    assert beat is not None and beat.heartbeat >= lease.owner.heartbeat
+    assert beat is not None and beat.heartbeat >= lease.owner.heartbeat  # renewed
+    assert (tmp_path / LEASE_FILE).read_text() == written  # touched, never rewritten
     thief = plant(tmp_path, host="elsewhere", pid=1)
     lease.renew()
     assert lease.lost is not None and "elsewhere" in lease.lost

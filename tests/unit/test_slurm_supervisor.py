@@ -5,7 +5,7 @@ tests/slurm.)"""
 from __future__ import annotations
 
 from coatnet_scale.distributed import slurm as allocation
-from coatnet_scale.exits import EXIT_SETUP, EXIT_STOPPED, NOT_REQUEUED
+from coatnet_scale.exits import EXIT_FOLDER_BUSY, EXIT_SETUP, EXIT_STOPPED, NOT_REQUEUED
 from launch.slurm import supervisor as slurm
 
 
@@ -143,7 +143,7 @@ def test_the_first_ranks_own_exit_code_wins_over_srun_killing_the_rest(
     assert slurm.main(argv) == 137 and calls == ["srun", "srun", "scontrol"]
 
 
-def job_attempts(tmp_path, monkeypatch, srun_codes: list[int], steps: list[int]):
+def job_attempts(tmp_path, monkeypatch, srun_codes: list[int], steps: list[int], job: str = "9"):
     """Run the supervisor once per attempt with a fake srun exiting with `srun_codes[i]` after
     the run's newest checkpoint reached `steps[i]`; returns the exit codes and the commands."""
     import subprocess
@@ -167,9 +167,11 @@ def job_attempts(tmp_path, monkeypatch, srun_codes: list[int], steps: list[int])
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(slurm.subprocess, "run", fake_run)
-    for key, value in {"SLURM_JOB_ID": "9", "SLURM_NTASKS": "2"}.items():
+    for key, value in {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2"}.items():
         monkeypatch.setenv(key, value)
-    argv = ["--model", "coatnet_debug", f"data.train_shards={shard_set(tmp_path, [8])}"]
+    shards = tmp_path / "train_shards" / "train.json"
+    shards = shards if shards.exists() else shard_set(tmp_path, [8])
+    argv = ["--model", "coatnet_debug", f"data.train_shards={shards}"]
     argv += [f"train.run_dir={run}", "train.global_batch_size=8", "train.micro_batch_size=4"]
     argv += ["train.total_steps=100", "distributed.max_requeues=2"]
     codes = []
@@ -190,6 +192,9 @@ def test_the_stall_count_carries_over_requeues_and_stops_the_job(
     out = capsys.readouterr().out
     assert "step 0 -> 10" in out and "step 10 -> 20" in out and "no new checkpoint (1)" in out
     assert "2 attempt(s) in a row ended without a new checkpoint" in out
+    # the cause fixed, the same command submitted again: a new job starts its count from 0
+    codes, calls = job_attempts(tmp_path, monkeypatch, [137], [0], job="10")
+    assert codes == [137] and calls == ["srun", "scontrol"]
 
 
 def test_a_folder_another_live_run_owns_fails_the_job_before_srun(
@@ -213,7 +218,7 @@ def test_a_folder_another_live_run_owns_fails_the_job_before_srun(
             json.dumps(asdict(owner) | {"pid": other.pid, "job": "1234"})
         )
         codes, calls = job_attempts(tmp_path, monkeypatch, [0], [10])
-        assert codes == [EXIT_SETUP] and calls == []
+        assert codes == [EXIT_FOLDER_BUSY] and calls == []
         out = capsys.readouterr().out
         assert f"is in use by another run (pid {other.pid} on " in out and "job 1234" in out
     finally:
