@@ -24,6 +24,7 @@ from timm.data import Mixup
 
 from coatnet_scale import checkpoint
 from coatnet_scale.checkpoint import Resume, TrainerState, checkpoint_root
+from coatnet_scale.checkpoint.init_from import consolidated_file, initial_state
 from coatnet_scale.config import Config, config_hash, dump_yaml, to_dict
 from coatnet_scale.data.pipeline import (
     BatchPlan,
@@ -323,8 +324,10 @@ def build_training_engine(
     model = build_sharded_model(cfg.model, cfg.zero.stage, ds_config, binding.device)
     if resume.checkpoint is None and cfg.checkpoint.init_from:
         source = cfg.checkpoint.init_from
-        state = checkpoint.initial_weights(Path(source), cfg.checkpoint.init_ema)
-        fresh = load_initial_weights(model, state, cfg.zero.stage, source)
+        weights = consolidated_file(
+            Path(source), cfg.checkpoint.init_ema, run_dir, cfg.checkpoint.verify_checksums, log
+        )
+        fresh = load_initial_weights(model, initial_state(weights), cfg.zero.stage, source)
         log(
             f"initialised from {source}"
             + (f"; newly initialised: {', '.join(fresh)}" if fresh else "")

@@ -48,7 +48,6 @@ from coatnet_scale.checkpoint.ema_files import partitioned_ema_weights, read_ema
 from coatnet_scale.checkpoint.export import (
     consolidated_state_dict,
     export,
-    initial_weights,
     resolve_checkpoint,
 )
 from coatnet_scale.checkpoint.layout import (
@@ -118,7 +117,6 @@ __all__ = [
     "file_records",
     "files_under",
     "find_resume",
-    "initial_weights",
     "list_checkpoints",
     "load",
     "newest_valid",

@@ -19,7 +19,7 @@ from coatnet_scale.checkpoint.layout import (
 )
 from coatnet_scale.checkpoint.state import TrainerState
 from coatnet_scale.files import atomic_write_text
-from coatnet_scale.models import EXPORT_WEIGHTS, read_state_dict
+from coatnet_scale.models import EXPORT_WEIGHTS
 
 
 def consolidated_state_dict(ckpt: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -91,15 +91,3 @@ def export(ckpt: Path, out_dir: Path, use_ema: bool = False) -> Path:
     }
     atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(info, indent=1) + "\n")
     return weights
-
-
-def initial_weights(path: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Weights to start a fine-tuning run from: a weights file, an export folder, a training
-    checkpoint, or a run folder (its newest valid checkpoint)."""
-    if path.is_file() or (path / EXPORT_WEIGHTS).is_file():
-        if use_ema:
-            raise CheckpointError(f"{path}: checkpoint.init_ema needs a training checkpoint")
-        return read_state_dict(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint.init_from={path}: no such file or folder")
-    return consolidated_state_dict(resolve_checkpoint(path), use_ema)

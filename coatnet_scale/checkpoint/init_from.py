@@ -1,0 +1,190 @@
+"""`checkpoint.init_from` that scales: verify once across the ranks, consolidate once, map the
+result on every rank.
+
+Before, every rank verified every file of the source checkpoint (SHA-256) and ran the full
+`zero_to_fp32` merge: for CoAtNet-7 on 512 ranks about 1,000 full reads of ~34 GB and a full fp32
+copy of the weights (~10 GB) per rank. Now
+
+1. the ranks share the verification (`verify_on_ranks`: each checks its share of the files);
+2. rank 0 alone merges the partitions (the EMA if asked) into one safetensors file in this run's
+   folder, `RUN/init/<checkpoint>[-ema].safetensors`, written under a temporary name and renamed
+   when complete (reused by a restart before the first checkpoint); the other ranks wait for it
+   on the filesystem, not in a collective bounded by `distributed.timeout_minutes`;
+3. every rank memory-maps that file (`mapped_safetensors`): the tensors are views of the page
+   cache, which the ranks of a node share, and only what a rank copies into its model is read.
+
+A weights file or an export folder (safetensors) is mapped directly. Inputs nobody here wrote are
+read safely: safetensors, or `torch.load(weights_only=True)` with DeepSpeed's own three small
+classes allowed (`deepspeed_classes_allowed`), also inside DeepSpeed's `zero_to_fp32`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import secrets
+import struct
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from coatnet_scale.checkpoint.layout import (
+    MANIFEST,
+    TMP_PREFIX,
+    CheckpointError,
+    Log,
+    checkpoint_step,
+    checkpoints_in,
+    list_checkpoints,
+    verify_on_ranks,
+)
+from coatnet_scale.distributed.collectives import barrier, from_rank0, rank_world
+from coatnet_scale.files import atomic_write_text
+from coatnet_scale.models import EXPORT_WEIGHTS, read_state_dict
+
+INIT_DIR = "init"
+
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def mapped_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as read-only views of its memory map (no copy): the
+    header is 8 bytes of little-endian length, then JSON with each tensor's dtype, shape and byte
+    range after the header."""
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        if end == start:
+            tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        with warnings.catch_warnings():  # a read-only buffer: the views are never written
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(
+                mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=base + start
+            )
+        tensors[name] = flat.view(info["shape"])
+    return tensors
+
+
+def initial_state(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `consolidated_file`'s result: mapped if safetensors, else a torch file read
+    with `weights_only=True`."""
+    if weights.suffix == ".safetensors":
+        return mapped_safetensors(weights)
+    return read_state_dict(weights)
+
+
+@contextlib.contextmanager
+def deepspeed_classes_allowed() -> Iterator[None]:
+    """Every `torch.load` in the block is `weights_only=True` (DeepSpeed's own `zero_to_fp32`
+    passes False: `TORCH_FORCE_WEIGHTS_ONLY_LOAD` overrides it), with the only non-tensor classes
+    DeepSpeed's checkpoint files hold allowed (found with
+    `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 1-3, fp32 and bf16 files)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def source_checkpoint(path: Path, checksums: bool, log: Log) -> Path:
+    """The training checkpoint `path` names (itself, or a run's newest that verifies), verified
+    with the files shared over the ranks. All ranks call this."""
+    candidates = (
+        [path]
+        if checkpoint_step(path) is not None or (path / MANIFEST).exists()
+        else list(reversed(list_checkpoints(checkpoints_in(path))))
+    )
+    for ckpt in candidates:
+        problems = verify_on_ranks(ckpt, checksums)
+        if not problems:
+            return ckpt
+        log(f"checkpoint.init_from: {ckpt} is damaged ({'; '.join(problems[:3])}): not used")
+    raise CheckpointError(f"checkpoint.init_from={path}: no valid checkpoint")
+
+
+def consolidated_file(
+    source: Path, use_ema: bool, run_dir: Path, checksums: bool, log: Log
+) -> Path:
+    """A safetensors file of the initial weights that every rank can map (all ranks call this).
+
+    A weights file or export folder is used as it is; a training checkpoint is merged once, by
+    rank 0, into RUN/init/ (named after the checkpoint and its manifest's digest: another source
+    never reuses a stale file), while the other ranks wait for the file or a failure note."""
+    weights = source / EXPORT_WEIGHTS if source.is_dir() else source
+    if weights.is_file():
+        if use_ema:
+            raise CheckpointError(f"{source}: checkpoint.init_ema needs a training checkpoint")
+        return weights
+    if not source.exists():
+        raise CheckpointError(f"checkpoint.init_from={source}: no such file or folder")
+    ckpt = source_checkpoint(source, checksums, log)
+    digest = hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()[:12]
+    out = run_dir / INIT_DIR / f"{ckpt.name}-{digest}{'-ema' if use_ema else ''}.safetensors"
+    note = out.with_name(f"{TMP_PREFIX}{out.name}.failed-{from_rank0(secrets.token_hex(4))}")
+    if rank_world()[0] == 0:
+        if not out.is_file():
+            try:
+                write_consolidated(ckpt, use_ema, out)
+                log(f"initial weights consolidated once from {ckpt} into {out}")
+            except Exception as err:  # every rank must hear of it
+                atomic_write_text(note, f"consolidating {ckpt} failed: {err!r}")
+    else:
+        while not out.is_file() and not note.exists():  # the filesystem, not a collective
+            time.sleep(0.5)
+    if note.exists():
+        failure = note.read_text() or "consolidating the initial weights failed"
+        barrier()
+        if rank_world()[0] == 0:
+            note.unlink(missing_ok=True)
+        raise CheckpointError(failure)
+    return out
+
+
+def write_consolidated(ckpt: Path, use_ema: bool, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from coatnet_scale.checkpoint.export import consolidated_state_dict
+
+    with deepspeed_classes_allowed():
+        state = consolidated_state_dict(ckpt, use_ema)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
+    metadata = {"format": "pt", "source": str(ckpt.resolve())}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
