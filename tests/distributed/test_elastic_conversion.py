@@ -2,7 +2,8 @@
 for rank 0's conversion wait on the filesystem, so a conversion longer than the process group's
 timeout completes; a conversion failure reaches every rank; and a converter dies with the
 trainer that started it (SIGKILL during the conversion leaves no converter process, and the next
-start converts afresh, loads and completes)."""
+start converts afresh, loads and completes); a fine-tune from a training checkpoint merges it
+once for all ranks."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from coatnet_scale import checkpoint
 from coatnet_scale.checkpoint import resume
+from coatnet_scale.checkpoint.init_from import mapped_safetensors
 from coatnet_scale.checkpoint.layout import UNIVERSAL, CheckpointError
 from coatnet_scale.distributed.env import free_port
 from tests.data.conftest import shard_set
@@ -150,3 +154,18 @@ def test_a_converter_dies_with_its_trainer_and_the_next_start_converts_afresh(
     assert "converting" in log and "converted to" in log and "resumed from" in log
     assert (ckpt / UNIVERSAL).is_dir() and not list(ckpt.glob(".tmp-universal*"))
     assert (run / "checkpoints" / "step00000006").is_dir()
+
+    # A fine-tune from that run folder on 2 ranks: the checkpoint is merged once into the new
+    # run's folder and both ranks start from it (mapped), not each merging it.
+    tuned = tmp_path / "tuned"
+    finetune = pretrain(tuned, manifest, 2, two_ranks[:-1] + [str(free_port())])
+    finetune += [f"checkpoint.init_from={run}", "model.num_classes=4"]
+    result = run_bounded(finetune, REPO, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert log.count("initial weights consolidated once from") == 1
+    assert "newly initialised: head.fc.weight, head.fc.bias" in log  # 3 -> 4 classes
+    (merged,) = (tuned / "init").glob("step00000006-*.safetensors")
+    source = checkpoint.consolidated_state_dict(run / "checkpoints" / "step00000006")
+    mapped = mapped_safetensors(merged)
+    assert all(torch.equal(mapped[k], source[k]) for k in source)
