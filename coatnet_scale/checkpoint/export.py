@@ -31,7 +31,9 @@ def consolidated_state_dict(ckpt: Path, use_ema: bool = False) -> dict[str, torc
         state = merged_partitions(ckpt)
     else:
         # ZeRO-0: the whole module is in the model-states file (which also holds non-tensor
-        # engine state, hence weights_only=False: our own file, written by this run).
+        # engine state, hence weights_only=False for this run's own files; a foreign source,
+        # `checkpoint.init_from`, is read inside `init_from.deepspeed_classes_allowed`, which
+        # forces weights_only=True).
         saved = torch.load(
             ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
         )

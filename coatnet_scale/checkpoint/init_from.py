@@ -28,7 +28,6 @@ import os
 import secrets
 import struct
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from coatnet_scale.checkpoint.layout import (
     verify_on_ranks,
 )
 from coatnet_scale.distributed.collectives import barrier, from_rank0, rank_world
-from coatnet_scale.files import atomic_write_text
+from coatnet_scale.files import fsync_dir, sha256_file
 from coatnet_scale.models import EXPORT_WEIGHTS, read_state_dict
 
 INIT_DIR = "init"
@@ -72,7 +71,9 @@ def mapped_safetensors(path: Path) -> dict[str, torch.Tensor]:
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # copy-on-write: the pages are the page cache's until written (nothing writes them; a
+        # write would stay private instead of faulting)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     base = 8 + header_len
     tensors = {}
     for name, info in header.items():
@@ -83,11 +84,9 @@ def mapped_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if end == start:
             tensors[name] = torch.empty(info["shape"], dtype=dtype)
             continue
-        with warnings.catch_warnings():  # a read-only buffer: the views are never written
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(
-                mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=base + start
-            )
+        flat = torch.frombuffer(
+            mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=base + start
+        )
         tensors[name] = flat.view(info["shape"])
     return tensors
 
@@ -105,27 +104,31 @@ def deepspeed_classes_allowed() -> Iterator[None]:
     """Every `torch.load` in the block is `weights_only=True` (DeepSpeed's own `zero_to_fp32`
     passes False: `TORCH_FORCE_WEIGHTS_ONLY_LOAD` overrides it), with the only non-tensor classes
     DeepSpeed's checkpoint files hold allowed (found with
-    `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 1-3, fp32 and bf16 files)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 1-3, fp32 and bf16 files; fp16
+    files pickle the DynamicLossScaler)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    previous = {name: os.environ.pop(name, None) for name in names}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        with torch.serialization.safe_globals(allowed):
             yield
     finally:
-        if previous is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+        for name, value in previous.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def source_checkpoint(path: Path, checksums: bool, log: Log) -> Path:
     """The training checkpoint `path` names (itself, or a run's newest that verifies), verified
-    with the files shared over the ranks. All ranks call this."""
-    candidates = (
+    with the files shared over the ranks. All ranks call this; the candidates are rank 0's (a
+    source run still saving could show the ranks different lists)."""
+    candidates = from_rank0(
         [path]
         if checkpoint_step(path) is not None or (path / MANIFEST).exists()
         else list(reversed(list_checkpoints(checkpoints_in(path))))
@@ -154,18 +157,24 @@ def consolidated_file(
     if not source.exists():
         raise CheckpointError(f"checkpoint.init_from={source}: no such file or folder")
     ckpt = source_checkpoint(source, checksums, log)
-    digest = hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()[:12]
-    out = run_dir / INIT_DIR / f"{ckpt.name}-{digest}{'-ema' if use_ema else ''}.safetensors"
+    rank = rank_world()[0]
+    if rank == 0:
+        digest = hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()[:12]
+        name = f"{ckpt.name}-{digest}{'-ema' if use_ema else ''}.safetensors"
+        (run_dir / INIT_DIR).mkdir(parents=True, exist_ok=True)
+    out = run_dir / INIT_DIR / from_rank0(name if rank == 0 else None)
     note = out.with_name(f"{TMP_PREFIX}{out.name}.failed-{from_rank0(secrets.token_hex(4))}")
-    if rank_world()[0] == 0:
+    if rank == 0:
         if not out.is_file():
             try:
                 write_consolidated(ckpt, use_ema, out)
                 log(f"initial weights consolidated once from {ckpt} into {out}")
             except Exception as err:  # every rank must hear of it
-                atomic_write_text(note, f"consolidating {ckpt} failed: {err!r}")
+                note.write_text(f"consolidating {ckpt} failed: {err!r}")
     else:
-        while not out.is_file() and not note.exists():  # the filesystem, not a collective
+        # The filesystem, not a collective: a merge can outlast the collective timeout. RUN/
+        # must be shared between the nodes (checkpoints are written there too).
+        while not out.is_file() and not note.exists():
             time.sleep(0.5)
     if note.exists():
         failure = note.read_text() or "consolidating the initial weights failed"
@@ -183,8 +192,12 @@ def write_consolidated(ckpt: Path, use_ema: bool, out: Path) -> None:
 
     with deepspeed_classes_allowed():
         state = consolidated_state_dict(ckpt, use_ema)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
     metadata = {"format": "pt", "source": str(ckpt.resolve())}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        sha256_file(tmp, sync=True)  # durable before the rename makes it reusable
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no weights-sized leftover

@@ -112,12 +112,15 @@ def verify(ckpt: Path, checksums: bool = True, part: tuple[int, int] = (0, 1)) -
     for name in names[part[0] :: part[1]]:
         expected = manifest["files"][name]
         path = ckpt / name
-        if not path.is_file():
-            problems.append(f"{ckpt.name}/{name}: missing")
-        elif (size := path.stat().st_size) != expected["size"]:
-            problems.append(f"{ckpt.name}/{name}: {size} bytes, expected {expected['size']}")
-        elif checksums and sha256_file(path) != expected["sha256"]:
-            problems.append(f"{ckpt.name}/{name}: checksum differs from the manifest")
+        try:
+            if not path.is_file():
+                problems.append(f"{ckpt.name}/{name}: missing")
+            elif (size := path.stat().st_size) != expected["size"]:
+                problems.append(f"{ckpt.name}/{name}: {size} bytes, expected {expected['size']}")
+            elif checksums and sha256_file(path) != expected["sha256"]:
+                problems.append(f"{ckpt.name}/{name}: checksum differs from the manifest")
+        except OSError as err:  # a problem like the others: the ranks sharing the work agree
+            problems.append(f"{ckpt.name}/{name}: cannot be read ({err.strerror or err})")
     return problems
 
 

@@ -84,3 +84,26 @@ def test_weights_files_are_used_as_they_are_and_bad_sources_refused(tmp_path: Pa
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         consolidated_file(tmp_path / "empty_run", False, tmp_path / "run", True, print)
+
+
+def test_a_merge_that_fails_is_an_error_for_every_rank_and_leaves_nothing(tmp_path: Path) -> None:
+    """The failure note (what the other ranks wait for) is written even on a fresh run folder,
+    and no weights-sized temporary file is left behind."""
+    from tests.unit.test_checkpoint_files import fake_checkpoint
+
+    fake_checkpoint(tmp_path / "src" / "checkpoints" / "step00000010", 10)  # not torch files
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="consolidating .*step00000010 failed"):
+        consolidated_file(tmp_path / "src", False, run, True, print)
+    assert [p.name for p in (run / "init").iterdir()] == []  # the note is removed too
+
+
+def test_a_damaged_source_is_refused_after_shared_verification(tmp_path: Path) -> None:
+    from tests.unit.test_checkpoint_files import fake_checkpoint
+
+    ckpt = fake_checkpoint(tmp_path / "src" / "checkpoints" / "step00000010", 10)
+    (ckpt / "rng" / "rank00000.pt").write_bytes(b"other")
+    messages: list[str] = []
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        consolidated_file(tmp_path / "src", False, tmp_path / "run", True, messages.append)
+    assert "rank00000.pt" in messages[0]
