@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BLOCK = 8 << 20
+STEPS_DURING_SAVE = 4  # training steps run while an asynchronous save is written
 
 
 def raw_write(path: Path, size: int) -> float:
@@ -92,14 +93,17 @@ def worker(out: Path, model_name: str, repeats: int) -> None:
     device = init_process_group(cfg, env).device
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    def engine_and_step():
-        ds_config = to_deepspeed_config(cfg, world)
-        engine = build_engine(build_sharded_model(cfg.model, 2, ds_config, device), cfg, ds_config)
+    def train_step(engine) -> None:
         images = torch.randn(2, 3, 64, 64)
         labels = torch.randint(0, cfg.model.num_classes, (2,))
         loss = torch.nn.functional.cross_entropy(engine(images), labels)
         engine.backward(loss)
         engine.step()
+
+    def engine_and_step():
+        ds_config = to_deepspeed_config(cfg, world)
+        engine = build_engine(build_sharded_model(cfg.model, 2, ds_config, device), cfg, ds_config)
+        train_step(engine)
         return engine
 
     def timed(fn) -> float:
@@ -114,8 +118,38 @@ def worker(out: Path, model_name: str, repeats: int) -> None:
     state = checkpoint.TrainerState.of(cfg, 1, {"samples_consumed": 4}, 0, None, world)
     quiet = lambda message: None  # noqa: E731
     rows: dict[str, list[float]] = {
-        k: [] for k in ("raw_write", "raw_read", "plain", "save", "verify", "load")
+        k: []
+        for k in (
+            "raw_write",
+            "raw_read",
+            "plain",
+            "save",
+            "verify",
+            "load",
+            "steps",
+            "async_call",
+            "async_stall",
+            "async_stall_device",
+        )
     }
+    saver = checkpoint.BackgroundSaver()
+
+    def steps() -> None:
+        for _ in range(STEPS_DURING_SAVE):
+            train_step(engine)
+
+    def device_steps() -> None:
+        """Steps of a GPU-bound run as the CPU sees them: waiting, not computing (the host
+        threads launch kernels and wait for the device)."""
+        time.sleep(STEPS_DURING_SAVE * rows["steps"][-1] / STEPS_DURING_SAVE)
+
+    def async_save_while(run_steps) -> None:
+        checkpoint.save(engine, root, state, None, 1, 0, quiet, saver)
+        rows["async_call"].append(time.perf_counter() - call_start[0])
+        run_steps()
+        saver.wait()
+
+    call_start = [0.0]
     ckpt = root / checkpoint.step_name(1)
 
     def verify() -> None:
@@ -130,6 +164,17 @@ def worker(out: Path, model_name: str, repeats: int) -> None:
             timed(lambda r=plain_root: engine.save_checkpoint(str(r), tag="t", save_latest=False))
         )
         rows["save"].append(timed(lambda: checkpoint.save(engine, root, state, None, 1, 0, quiet)))
+        # The training stall of an asynchronous save: the same steps with a save written beside
+        # them, minus the steps alone (the writer competes with training for the CPU here).
+        rows["steps"].append(timed(steps))
+        call_start[0] = time.perf_counter()
+        with_save = timed(lambda: async_save_while(steps))
+        rows["async_stall"].append(max(with_save - rows["steps"][-1], 0.0))
+        # the same with steps that leave the CPU to the writer, as a GPU-bound run does
+        idle = timed(device_steps)
+        call_start[0] = time.perf_counter()
+        with_save = timed(lambda: async_save_while(device_steps))
+        rows["async_stall_device"].append(max(with_save - idle, 0.0))
         manifest = checkpoint.read_manifest(ckpt)
         total = sum(f["size"] for f in manifest["files"].values())
         mine = total // world
@@ -212,11 +257,21 @@ def main() -> None:
         "save_vs_raw_write": round(med["save"] / med["raw_write"], 2),
         "load_vs_raw_read": round(med["load"] / med["raw_read"], 2),
         "save_vs_plain_deepspeed": round(med["save"] / med["plain"], 2),
+        "async_stall_vs_sync": round(med["async_stall"] / med["save"], 2),
+        "async_call_vs_sync": round(med["async_call"] / med["save"], 2),
+        "async_stall_device_bound_vs_sync": round(med["async_stall_device"] / med["save"], 2),
         "time_to_first_step_s": round(result["first_step"], 2),
     }
     print(f"{args.model}: {result['params']:,} parameters, checkpoint {mib:.0f} MiB over 2 ranks")
     for key in ("raw_write", "plain", "save", "raw_read", "verify", "load"):
         print(f"  {key:10s} {med[key]:7.3f} s  ({mib / med[key]:7.0f} MiB/s)")
+    print(
+        f"  asynchronous save: the call returns in {med['async_call']:.3f} s; training stalled "
+        f"{med['async_stall']:.3f} s over {STEPS_DURING_SAVE} steps ({med['steps']:.3f} s alone): "
+        f"{med['async_stall'] / med['save']:.2f}x the synchronous save; with steps that leave "
+        f"the CPU free (a GPU-bound run): {med['async_stall_device']:.3f} s, "
+        f"{med['async_stall_device'] / med['save']:.2f}x"
+    )
     print(
         f"save / raw write {record['save_vs_raw_write']}x, load / raw read "
         f"{record['load_vs_raw_read']}x, our save / DeepSpeed's plain save "

@@ -267,6 +267,11 @@ class CheckpointConfig:
         "when the run resumes",
     )
     init_ema: bool = option(False, "with init_from a training checkpoint: take its EMA weights")
+    async_save: bool = option(
+        True,
+        "save in the background: training stalls only while the state is copied to host memory "
+        "(the commit protocol is the same; the run waits for the last save before it ends)",
+    )
     allow_changes: tuple[str, ...] = option(
         (),
         "keys (or dotted prefixes) of the experiment's settings this resume may change, e.g. "

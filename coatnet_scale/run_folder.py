@@ -54,6 +54,7 @@ FREE_KEYS = (
     "checkpoint.keep_every",
     "checkpoint.resume",
     "checkpoint.verify_checksums",
+    "checkpoint.async_save",
     "checkpoint.allow_changes",
     "logging.",
     "distributed.",

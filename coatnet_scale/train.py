@@ -25,6 +25,7 @@ from timm.data import Mixup
 from coatnet_scale import checkpoint
 from coatnet_scale.checkpoint import Resume, TrainerState, checkpoint_root
 from coatnet_scale.checkpoint.init_from import consolidated_file, initial_state
+from coatnet_scale.checkpoint.save import BackgroundSaver
 from coatnet_scale.config import Config, config_hash, dump_yaml, to_dict
 from coatnet_scale.data.pipeline import (
     BatchPlan,
@@ -206,6 +207,7 @@ class Checkpointing:
         self.engine, self.cfg, self.run_dir, self.loader = engine, cfg, run_dir, loader
         self.guard, self.stats_ema, self.logger, self.env = guard, stats_ema, logger, env
         self.lease = lease  # rank 0's
+        self.background = BackgroundSaver() if cfg.checkpoint.async_save else None
         self.last_save = time.monotonic()
 
     def decide(self, done: int, stop: StopRequest) -> tuple[bool, int]:
@@ -233,7 +235,8 @@ class Checkpointing:
         return due_anywhere > 0, int(signum)
 
     def save(self, step: int) -> float:
-        """Save checkpoint `step` on every rank; returns the seconds it took."""
+        """Save checkpoint `step` on every rank; returns the seconds training stalled for it (with
+        `checkpoint.async_save`, the copy to host memory, and any wait for the previous save)."""
         start = time.perf_counter()
         state = TrainerState.of(
             self.cfg,
@@ -255,9 +258,15 @@ class Checkpointing:
             self.cfg.checkpoint.keep_last,
             self.cfg.checkpoint.keep_every,
             self.logger.message,
+            self.background,
         )
         self.last_save = time.monotonic()
         return time.perf_counter() - start
+
+    def finish(self) -> None:
+        """Wait for a save still being written in the background (committed on rank 0)."""
+        if self.background is not None:
+            self.background.wait()
 
 
 def validation(
@@ -521,6 +530,7 @@ def run_in(
                 )
                 final["stopped"] = 1.0
                 break
+        checkpoints.finish()  # the last checkpoint is committed before the run ends or stops
     finally:
         stop.close()
     logger.close()

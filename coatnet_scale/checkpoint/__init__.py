@@ -83,6 +83,7 @@ from coatnet_scale.checkpoint.resume import (
     restore_rng,
 )
 from coatnet_scale.checkpoint.save import (
+    BackgroundSaver,
     file_records,
     point_latest,
     publish,
@@ -94,6 +95,7 @@ from coatnet_scale.checkpoint.save import (
 from coatnet_scale.checkpoint.state import TrainerState, rng_state, set_rng_state
 
 __all__ = [
+    "BackgroundSaver",
     "EMA_FILE",
     "EXPORT_CONFIG",
     "LATEST",

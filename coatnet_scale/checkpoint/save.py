@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 from coatnet_scale.checkpoint.layout import (
     EMA_FILE,
@@ -19,6 +23,7 @@ from coatnet_scale.checkpoint.layout import (
     TMP_PREFIX,
     TRAINER_STATE,
     UNIVERSAL_INFO,
+    CheckpointError,
     Log,
     checkpoint_step,
     files_under,
@@ -28,8 +33,146 @@ from coatnet_scale.checkpoint.layout import (
     verify,
 )
 from coatnet_scale.checkpoint.state import TrainerState, rng_state
-from coatnet_scale.distributed.collectives import barrier, from_rank0, gather, rank_world
+from coatnet_scale.distributed.collectives import barrier, rank_world
 from coatnet_scale.files import atomic_write_text, free_name, fsync_dir, remove_tree, sha256_file
+
+
+class CapturingEngine(TorchCheckpointEngine):
+    """DeepSpeed's checkpoint engine for the length of one of our saves: it records which files
+    this rank writes (each rank checksums its own), and for an asynchronous save keeps host
+    copies of what it is given instead of writing it (the snapshot)."""
+
+    def __init__(self, zipfile_serialization: bool, defer: bool) -> None:
+        super().__init__(None)
+        self.zipfile_serialization, self.defer = zipfile_serialization, defer
+        self.files: list[tuple[str, Any]] = []  # (path, host copy or None once written)
+
+    def preserves_storage_sharing(self) -> bool:
+        """DeepSpeed clones every tensor for an engine that says True; a deferred save copies
+        each to host memory itself (`host_copy`), once."""
+        return not self.defer
+
+    def save(self, state_dict, path: str) -> None:
+        if self.defer:
+            self.files.append((path, host_copy(state_dict)))
+        else:
+            super().save(state_dict, path)
+            self.files.append((path, None))
+
+
+def host_copy(item: Any) -> Any:
+    """`item` with every tensor copied to host memory and everything else copied too: the state
+    as it is now, whatever the next steps change in place (optimizer moments, loss scaler)."""
+    if isinstance(item, torch.Tensor):
+        return item.detach().to("cpu", copy=True)
+    if isinstance(item, dict):
+        return type(item)((k, host_copy(v)) for k, v in item.items())
+    if isinstance(item, list | tuple):
+        return type(item)(host_copy(v) for v in item)
+    return copy.deepcopy(item)
+
+
+@dataclass
+class SaveJob:
+    """What is left of a save once its state is captured: write (if deferred), checksum and
+    fsync this rank's files, and on rank 0 commit and publish. No collectives: the ranks meet in
+    the folder (each leaves `.records-rankN.json`; rank 0 waits for all of them), so an
+    asynchronous save runs in a background thread beside training's collectives."""
+
+    tmp: Path
+    final: Path
+    step: int
+    rank: int
+    world: int
+    files: list[tuple[str, Any]]
+    rng: dict[str, Any]
+    trainer_state: str | None  # rank 0
+    ema: dict[str, torch.Tensor] | None  # rank 0
+    keep_last: int
+    keep_every: int
+    log: Log
+
+    def run(self) -> None:
+        written = []
+        for path, state in self.files:
+            if state is not None:
+                torch.save(state, path)
+            written.append(str(Path(path).relative_to(self.tmp)))
+        self.files = []  # the host copies can go
+        rng_file = self.tmp / RNG_DIR / f"rank{self.rank:05d}.pt"
+        rng_file.parent.mkdir(exist_ok=True)
+        torch.save(self.rng, rng_file)
+        written.append(str(rng_file.relative_to(self.tmp)))
+        if self.rank == 0 and self.trainer_state is not None:
+            (self.tmp / TRAINER_STATE).write_text(self.trainer_state)
+            written.append(TRAINER_STATE)
+            if self.ema is not None:
+                from safetensors.torch import save_file
+
+                save_file(
+                    {k: v.contiguous() for k, v in self.ema.items()}, str(self.tmp / EMA_FILE)
+                )
+                written.append(EMA_FILE)
+        records = file_records(self.tmp, written)
+        atomic_write_text(self.tmp / f"{RECORDS_PREFIX}{self.rank:05d}.json", json.dumps(records))
+        if self.rank == 0:
+            self.commit()
+
+    def commit(self) -> None:
+        """Rank 0: once every rank's files are durable, the manifest, then the publish."""
+        expected = [self.tmp / f"{RECORDS_PREFIX}{r:05d}.json" for r in range(self.world)]
+        while not all(path.exists() for path in expected):
+            time.sleep(0.02)
+        records: dict[str, Any] = {}
+        for path in expected:
+            records |= json.loads(path.read_text())
+            path.unlink()
+        # anything DeepSpeed wrote past its checkpoint engine is committed too
+        records |= file_records(self.tmp, sorted(set(files_under(self.tmp)) - set(records)))
+        for folder in {self.tmp, *((self.tmp / f).parent for f in records)}:
+            fsync_dir(folder)  # the files' directory entries are durable before the commit
+        write_manifest(self.tmp, self.step, self.world, records)
+        publish(self.tmp, self.final, self.log)
+        root = self.final.parent
+        point_latest(root)
+        for old in retention(list_checkpoints(root), self.keep_last, self.keep_every):
+            remove_tree(old)
+        size = sum(r["size"] for r in records.values())
+        self.log(
+            f"checkpoint {self.final} committed ({len(records)} files, {size / 2**20:.1f} MiB)"
+        )
+
+
+RECORDS_PREFIX = ".records-rank"
+
+
+class BackgroundSaver:
+    """At most one asynchronous save in flight per rank, written by a thread; `wait` returns
+    when it is durable (on rank 0: committed and published) and raises what it failed with."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, job: SaveJob) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                job.run()
+            except BaseException as err:  # re-raised in the training thread by wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name=f"save-{job.final.name}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"a checkpoint save failed in the background: {error!r}")
 
 
 def save(
@@ -40,49 +183,56 @@ def save(
     keep_last: int,
     keep_every: int,
     log: Log,
+    background: BackgroundSaver | None = None,
 ) -> Path:
     """Write, commit and publish checkpoint `stepN` of every rank; all ranks call this.
 
-    Returns the published folder. See the module docstring for the protocol.
+    Without `background` the checkpoint is published on every rank when this returns. With it,
+    this returns once the state is captured in host memory (the previous background save has
+    finished first) and the writing, checksums, fsyncs, manifest and publish continue in the
+    background; `background.wait()` returns when they are done. Either way a kill at any moment
+    leaves only complete checkpoints: nothing is published before the manifest, and the
+    manifest only after every rank's files are durable. Returns the folder it publishes.
     """
     rank, world = rank_world()
     name = step_name(state.step)
     tmp = root / f"{TMP_PREFIX}{name}"
+    if background is not None:
+        background.wait()  # one save in flight: its host copies, and its folder, are done
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             remove_tree(tmp)  # a killed attempt at the same step
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state=UNIVERSAL_INFO, save_latest=False)
-
-    (tmp / RNG_DIR).mkdir(exist_ok=True)
-    torch.save(rng_state(), tmp / RNG_DIR / f"rank{rank:05d}.pt")
-    if rank == 0:
-        (tmp / TRAINER_STATE).write_text(state.to_json())
-        if ema is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE))
-    barrier()
-
-    # Each rank checksums (and fsyncs) a share of the files; rank 0 commits with the manifest.
-    files = from_rank0(files_under(tmp) if rank == 0 else None)
-    records = {
-        k: v for part in gather(file_records(tmp, files[rank::world])) for k, v in part.items()
-    }
-    final = root / name
-    if rank == 0:
-        for folder in {tmp, *((tmp / f).parent for f in files)}:
-            fsync_dir(folder)  # the files' directory entries are durable before the commit
-        write_manifest(tmp, state.step, world, records)
-        publish(tmp, final, log)
-        point_latest(root)
-        for old in retention(list_checkpoints(root), keep_last, keep_every):
-            remove_tree(old)
-        size = sum(r["size"] for r in records.values())
-        log(f"checkpoint {final} committed ({len(records)} files, {size / 2**20:.1f} MiB)")
-    barrier()
-    return final
+    own = engine.checkpoint_engine
+    capture = CapturingEngine(getattr(own, "zipfile_serialization", True), background is not None)
+    engine.checkpoint_engine = capture
+    try:
+        engine.save_checkpoint(
+            str(root), tag=tmp.name, client_state=UNIVERSAL_INFO, save_latest=False
+        )
+    finally:
+        engine.checkpoint_engine = own
+    job = SaveJob(
+        tmp,
+        root / name,
+        state.step,
+        rank,
+        world,
+        capture.files,
+        rng_state(),
+        state.to_json() if rank == 0 else None,
+        host_copy(ema) if rank == 0 and ema is not None else None,
+        keep_last,
+        keep_every,
+        log,
+    )
+    if background is None:
+        job.run()
+        barrier()
+    else:
+        background.start(job)
+    return root / name
 
 
 def file_records(folder: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:

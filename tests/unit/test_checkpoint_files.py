@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from coatnet_scale import checkpoint
 from coatnet_scale.checkpoint import CheckpointError, step_name
@@ -227,3 +228,38 @@ def test_a_data_position_this_run_cannot_continue_is_a_checkpoint_error(
     start = resume.Resume(ckpt, saved, resume.LoadPlan(root, ckpt.name, universal=False))
     with pytest.raises(checkpoint.CheckpointError, match=f"{ckpt}: data position was saved"):
         start.restore(None, Loader(), None, None, print)
+
+
+def test_an_asynchronous_saves_snapshot_does_not_change_with_training() -> None:
+    """What a background save writes is the state at the save: the next steps change the
+    optimizer's tensors and the loss scaler in place."""
+    from coatnet_scale.checkpoint.save import host_copy
+
+    class Scaler:
+        def __init__(self) -> None:
+            self.scale = 2.0**16
+
+    moments, scaler = torch.ones(4), Scaler()
+    state = {"state": {0: {"exp_avg": moments}}, "groups": [{"lr": 1e-3}], "scaler": scaler}
+    snapshot = host_copy(state)
+    moments.mul_(3)
+    scaler.scale = 1.0
+    state["groups"][0]["lr"] = 0.5
+    assert torch.equal(snapshot["state"][0]["exp_avg"], torch.ones(4))
+    assert snapshot["scaler"].scale == 2.0**16 and snapshot["groups"][0]["lr"] == 1e-3
+
+
+def test_a_background_save_that_fails_is_raised_in_the_training_thread(tmp_path: Path) -> None:
+    from coatnet_scale.checkpoint.save import BackgroundSaver
+
+    class Failing:
+        final = tmp_path / "step00000001"
+
+        def run(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    saver = BackgroundSaver()
+    saver.start(Failing())
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+        saver.wait()
+    saver.wait()  # reported once
