@@ -210,6 +210,14 @@ class Lease:
             return
         os.utime(self.path)
 
+    def still_ours(self) -> str | None:
+        """None while the lease is this run's; otherwise why not (checked before a publish)."""
+        current = read_owner(self.run_dir)
+        if current is None or current.token != self.owner.token:
+            holder = current.describe(time.time()) if current else "nobody"
+            return f"the run folder's lease was taken over (now held by {holder})"
+        return None
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S) and self.lost is None:
             with contextlib.suppress(OSError):  # a filesystem hiccup: the next beat retries

@@ -25,6 +25,7 @@ from timm.data import Mixup
 from coatnet_scale import checkpoint
 from coatnet_scale.checkpoint import Resume, TrainerState, checkpoint_root
 from coatnet_scale.checkpoint.init_from import consolidated_file, initial_state
+from coatnet_scale.checkpoint.layout import CheckpointError
 from coatnet_scale.checkpoint.save import BackgroundSaver
 from coatnet_scale.config import Config, config_hash, dump_yaml, to_dict
 from coatnet_scale.data.pipeline import (
@@ -234,10 +235,14 @@ class Checkpointing:
             )
         return due_anywhere > 0, int(signum)
 
-    def save(self, step: int) -> float:
+    def save(self, step: int, final: bool = False) -> float:
         """Save checkpoint `step` on every rank; returns the seconds training stalled for it (with
-        `checkpoint.async_save`, the copy to host memory, and any wait for the previous save)."""
+        `checkpoint.async_save`, the copy to host memory and any wait for the previous save).
+        A `final` save (the last step, a stop signal) is synchronous: the run ends right after,
+        and its time is what a stop costs (the time-limit warning's lead must cover it)."""
         start = time.perf_counter()
+        if final:
+            self.finish()  # one save at a time: the one in the background first
         state = TrainerState.of(
             self.cfg,
             step,
@@ -258,7 +263,8 @@ class Checkpointing:
             self.cfg.checkpoint.keep_last,
             self.cfg.checkpoint.keep_every,
             self.logger.message,
-            self.background,
+            None if final else self.background,
+            self.lease.still_ours if self.lease is not None else None,
         )
         self.last_save = time.monotonic()
         return time.perf_counter() - start
@@ -267,6 +273,13 @@ class Checkpointing:
         """Wait for a save still being written in the background (committed on rank 0)."""
         if self.background is not None:
             self.background.wait()
+
+    def settle(self) -> None:
+        """On the way out after an error: give a save being written a while to finish (the lease
+        is released after this), without raising what it failed with."""
+        if self.background is not None:
+            with contextlib.suppress(CheckpointError):
+                self.background.wait(timeout=120)
 
 
 def validation(
@@ -518,7 +531,7 @@ def run_in(
                 final |= result
             save_now, signum = checkpoints.decide(done, stop)
             if last or save_now or signum:
-                seconds = checkpoints.save(done)
+                seconds = checkpoints.save(done, final=bool(last or signum))
                 window.pause("checkpoint", seconds)
                 logger.log(done, {"checkpoint_s": seconds})
             if signum and not last:
@@ -532,6 +545,7 @@ def run_in(
                 break
         checkpoints.finish()  # the last checkpoint is committed before the run ends or stops
     finally:
+        checkpoints.settle()
         stop.close()
     logger.close()
     dist.barrier()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from coatnet_scale.checkpoint.layout import (
     verify,
 )
 from coatnet_scale.checkpoint.state import TrainerState, rng_state
-from coatnet_scale.distributed.collectives import barrier, rank_world
+from coatnet_scale.distributed.collectives import barrier, gather, rank_world
 from coatnet_scale.files import atomic_write_text, free_name, fsync_dir, remove_tree, sha256_file
 
 
@@ -46,11 +47,6 @@ class CapturingEngine(TorchCheckpointEngine):
         super().__init__(None)
         self.zipfile_serialization, self.defer = zipfile_serialization, defer
         self.files: list[tuple[str, Any]] = []  # (path, host copy or None once written)
-
-    def preserves_storage_sharing(self) -> bool:
-        """DeepSpeed clones every tensor for an engine that says True; a deferred save copies
-        each to host memory itself (`host_copy`), once."""
-        return not self.defer
 
     def save(self, state_dict, path: str) -> None:
         if self.defer:
@@ -75,9 +71,12 @@ def host_copy(item: Any) -> Any:
 @dataclass
 class SaveJob:
     """What is left of a save once its state is captured: write (if deferred), checksum and
-    fsync this rank's files, and on rank 0 commit and publish. No collectives: the ranks meet in
-    the folder (each leaves `.records-rankN.json`; rank 0 waits for all of them), so an
-    asynchronous save runs in a background thread beside training's collectives."""
+    fsync this rank's files, and on rank 0 commit and publish.
+
+    A synchronous save exchanges the file records with one gather. An asynchronous one runs in a
+    background thread beside training's collectives, so it uses none: each rank leaves
+    `.records-rankN.json` in the folder (or, if its part failed, the error), and rank 0 waits for
+    all of them."""
 
     tmp: Path
     final: Path
@@ -91,12 +90,34 @@ class SaveJob:
     keep_last: int
     keep_every: int
     log: Log
+    zipfile_serialization: bool = True
+    background: bool = False
+    may_publish: Callable[[], str | None] | None = None  # rank 0: why not, or None
 
     def run(self) -> None:
+        if not self.background:
+            records = self.write()
+            merged = {k: v for part in gather(records) for k, v in part.items()}
+            if self.rank == 0:
+                self.commit(merged)
+            return
+        marker = self.tmp / f"{RECORDS_PREFIX}{self.rank:05d}.json"
+        try:
+            records = self.write()
+        except BaseException as err:  # rank 0 must not wait for records that never come
+            with contextlib.suppress(OSError):
+                atomic_write_text(marker, json.dumps({ERROR_KEY: repr(err)}))
+            raise
+        atomic_write_text(marker, json.dumps(records))
+        if self.rank == 0:
+            self.commit(self.gathered_from_folder())
+
+    def write(self) -> dict[str, dict[str, Any]]:
+        """This rank's files written (if deferred), checksummed and fsynced: their records."""
         written = []
         for path, state in self.files:
             if state is not None:
-                torch.save(state, path)
+                torch.save(state, path, _use_new_zipfile_serialization=self.zipfile_serialization)
             written.append(str(Path(path).relative_to(self.tmp)))
         self.files = []  # the host copies can go
         rng_file = self.tmp / RNG_DIR / f"rank{self.rank:05d}.pt"
@@ -113,24 +134,33 @@ class SaveJob:
                     {k: v.contiguous() for k, v in self.ema.items()}, str(self.tmp / EMA_FILE)
                 )
                 written.append(EMA_FILE)
-        records = file_records(self.tmp, written)
-        atomic_write_text(self.tmp / f"{RECORDS_PREFIX}{self.rank:05d}.json", json.dumps(records))
-        if self.rank == 0:
-            self.commit()
+        return file_records(self.tmp, written)
 
-    def commit(self) -> None:
-        """Rank 0: once every rank's files are durable, the manifest, then the publish."""
+    def gathered_from_folder(self) -> dict[str, Any]:
+        """Rank 0: every rank's records, once all are in the folder; a rank's error is raised."""
         expected = [self.tmp / f"{RECORDS_PREFIX}{r:05d}.json" for r in range(self.world)]
         while not all(path.exists() for path in expected):
             time.sleep(0.02)
         records: dict[str, Any] = {}
-        for path in expected:
-            records |= json.loads(path.read_text())
+        for rank, path in enumerate(expected):
+            part = json.loads(path.read_text())
+            if ERROR_KEY in part:
+                raise CheckpointError(
+                    f"rank {rank} failed to write {self.final.name}: {part[ERROR_KEY]}"
+                )
+            records |= part
             path.unlink()
+        return records
+
+    def commit(self, records: dict[str, Any]) -> None:
+        """Rank 0: the manifest (once every rank's files are durable), then the publish."""
         # anything DeepSpeed wrote past its checkpoint engine is committed too
         records |= file_records(self.tmp, sorted(set(files_under(self.tmp)) - set(records)))
         for folder in {self.tmp, *((self.tmp / f).parent for f in records)}:
             fsync_dir(folder)  # the files' directory entries are durable before the commit
+        refusal = self.may_publish() if self.may_publish is not None else None
+        if refusal is not None:  # e.g. the run folder was taken over meanwhile: not ours to touch
+            raise CheckpointError(f"{self.final.name} not published: {refusal}")
         write_manifest(self.tmp, self.step, self.world, records)
         publish(self.tmp, self.final, self.log)
         root = self.final.parent
@@ -143,6 +173,7 @@ class SaveJob:
         )
 
 
+ERROR_KEY = "__error__"
 RECORDS_PREFIX = ".records-rank"
 
 
@@ -166,9 +197,11 @@ class BackgroundSaver:
         self._thread = threading.Thread(target=run, name=f"save-{job.final.name}", daemon=True)
         self._thread.start()
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still writing: `timeout` was for a run on its way out
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
@@ -184,6 +217,7 @@ def save(
     keep_every: int,
     log: Log,
     background: BackgroundSaver | None = None,
+    may_publish: Callable[[], str | None] | None = None,
 ) -> Path:
     """Write, commit and publish checkpoint `stepN` of every rank; all ranks call this.
 
@@ -226,6 +260,9 @@ def save(
         keep_last,
         keep_every,
         log,
+        capture.zipfile_serialization,
+        background is not None,
+        may_publish,
     )
     if background is None:
         job.run()

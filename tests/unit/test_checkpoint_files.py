@@ -263,3 +263,50 @@ def test_a_background_save_that_fails_is_raised_in_the_training_thread(tmp_path:
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
         saver.wait()
     saver.wait()  # reported once
+
+
+def background_job(tmp: Path, rank: int, world: int, may_publish=None):
+    from coatnet_scale.checkpoint.save import SaveJob
+
+    return SaveJob(
+        tmp,
+        tmp.parent / "step00000001",
+        1,
+        rank,
+        world,
+        [],
+        {"python": 1},
+        '{"step": 1}' if rank == 0 else None,
+        None,
+        3,
+        0,
+        print,
+        background=True,
+        may_publish=may_publish,
+    )
+
+
+def test_a_rank_whose_background_part_failed_stops_rank_0s_commit(tmp_path: Path) -> None:
+    """Rank 0 waits for every rank's records in the folder: a rank that failed leaves its error
+    there instead, so rank 0 reports it rather than waiting forever, and publishes nothing."""
+    tmp = tmp_path / "checkpoints" / ".tmp-step00000001"
+    tmp.mkdir(parents=True)
+    failing = background_job(tmp, 1, 2)
+    failing.write = lambda: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    with pytest.raises(OSError):
+        failing.run()
+    with pytest.raises(CheckpointError, match="rank 1 failed to write step00000001"):
+        background_job(tmp, 0, 2).run()
+    assert not (tmp_path / "checkpoints" / "step00000001").exists()
+
+
+def test_a_background_save_does_not_publish_into_a_folder_no_longer_ours(tmp_path: Path) -> None:
+    tmp = tmp_path / "checkpoints" / ".tmp-step00000001"
+    tmp.mkdir(parents=True)
+    job = background_job(tmp, 0, 1, may_publish=lambda: "the lease was taken over")
+    with pytest.raises(CheckpointError, match="not published: the lease was taken over"):
+        job.run()
+    assert not (tmp_path / "checkpoints" / "step00000001").exists()
+    assert not (tmp / "manifest.json").exists()
+    background_job(tmp, 0, 1).run()  # ours again: committed and published
+    assert checkpoint.verify(tmp_path / "checkpoints" / "step00000001") == []
