@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 from coatnet_scale.checkpoint.layout import (
     EMA_FILE,
@@ -38,22 +38,47 @@ from coatnet_scale.distributed.collectives import barrier, gather, rank_world
 from coatnet_scale.files import atomic_write_text, free_name, fsync_dir, remove_tree, sha256_file
 
 
-class CapturingEngine(TorchCheckpointEngine):
+class CapturingEngine:
     """DeepSpeed's checkpoint engine for the length of one of our saves: it records which files
     this rank writes (each rank checksums its own), and for an asynchronous save keeps host
-    copies of what it is given instead of writing it (the snapshot)."""
+    copies of what it is handed instead of writing it (the snapshot). The methods are those
+    `DeepSpeedEngine.save_checkpoint` calls (deepspeed/runtime/checkpoint_engine/
+    checkpoint_engine.py); no DeepSpeed import, so the checkpoint tools and the SLURM supervisor
+    stay light."""
 
     def __init__(self, zipfile_serialization: bool, defer: bool) -> None:
-        super().__init__(None)
         self.zipfile_serialization, self.defer = zipfile_serialization, defer
         self.files: list[tuple[str, Any]] = []  # (path, host copy or None once written)
 
-    def save(self, state_dict, path: str) -> None:
+    def create(self, info: Any) -> None:
+        pass
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict: Any, path: str) -> None:
         if self.defer:
             self.files.append((path, host_copy(state_dict)))
         else:
-            super().save(state_dict, path)
+            torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
             self.files.append((path, None))
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return dp_rank == 0
+
+    def preserves_storage_sharing(self) -> bool:
+        """True makes DeepSpeed clone every tensor before `save` (what its own engine does); a
+        deferred save copies each to host memory itself (`host_copy`), once."""
+        return not self.defer
+
+    def cleanup(self) -> None:
+        pass
 
 
 def host_copy(item: Any) -> Any:
