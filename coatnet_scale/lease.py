@@ -203,12 +203,9 @@ class Lease:
         """Refresh the heartbeat if the lease is still ours; otherwise record that it was lost.
         (Between the check and the touch another run may have taken the folder over: the touch
         then refreshes its lease, which is harmless, and the next renewal finds it lost.)"""
-        current = read_owner(self.run_dir)
-        if current is None or current.token != self.owner.token:
-            holder = current.describe(time.time()) if current else "nobody"
-            self.lost = f"the run folder's lease was taken over (now held by {holder})"
-            return
-        os.utime(self.path)
+        self.lost = self.still_ours()
+        if self.lost is None:
+            os.utime(self.path)
 
     def still_ours(self) -> str | None:
         """None while the lease is this run's; otherwise why not (checked before a publish)."""

@@ -25,9 +25,7 @@ import hashlib
 import json
 import mmap
 import os
-import secrets
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +41,11 @@ from coatnet_scale.checkpoint.layout import (
     list_checkpoints,
     verify_on_ranks,
 )
-from coatnet_scale.distributed.collectives import barrier, from_rank0, rank_world
+from coatnet_scale.distributed.collectives import (
+    from_rank0,
+    rank0_work_awaited_on_disk,
+    rank_world,
+)
 from coatnet_scale.files import fsync_dir, sha256_file
 from coatnet_scale.models import EXPORT_WEIGHTS, read_state_dict
 
@@ -163,24 +165,19 @@ def consolidated_file(
         name = f"{ckpt.name}-{digest}{'-ema' if use_ema else ''}.safetensors"
         (run_dir / INIT_DIR).mkdir(parents=True, exist_ok=True)
     out = run_dir / INIT_DIR / from_rank0(name if rank == 0 else None)
-    note = out.with_name(f"{TMP_PREFIX}{out.name}.failed-{from_rank0(secrets.token_hex(4))}")
-    if rank == 0:
-        if not out.is_file():
-            try:
-                write_consolidated(ckpt, use_ema, out)
-                log(f"initial weights consolidated once from {ckpt} into {out}")
-            except Exception as err:  # every rank must hear of it
-                note.write_text(f"consolidating {ckpt} failed: {err!r}")
-    else:
-        # The filesystem, not a collective: a merge can outlast the collective timeout. RUN/
-        # must be shared between the nodes (checkpoints are written there too).
-        while not out.is_file() and not note.exists():
-            time.sleep(0.5)
-    if note.exists():
-        failure = note.read_text() or "consolidating the initial weights failed"
-        barrier()
-        if rank_world()[0] == 0:
-            note.unlink(missing_ok=True)
+
+    def merge() -> str | None:
+        if out.is_file():
+            return None
+        try:
+            write_consolidated(ckpt, use_ema, out)
+        except Exception as err:
+            return f"consolidating {ckpt} failed: {err!r}"
+        log(f"initial weights consolidated once from {ckpt} into {out}")
+        return None
+
+    failure = rank0_work_awaited_on_disk(merge, out.is_file, out.parent)
+    if failure:
         raise CheckpointError(failure)
     return out
 

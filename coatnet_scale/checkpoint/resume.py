@@ -38,8 +38,12 @@ from coatnet_scale.checkpoint.layout import (
 from coatnet_scale.checkpoint.save import point_latest, recover
 from coatnet_scale.checkpoint.state import TrainerState, set_rng_state
 from coatnet_scale.config import CheckpointConfig, Config
-from coatnet_scale.distributed.collectives import barrier, from_rank0, rank_world
-from coatnet_scale.files import atomic_write_text, free_name, fsync_dir, remove_tree
+from coatnet_scale.distributed.collectives import (
+    barrier,
+    rank0_work_awaited_on_disk,
+    rank_world,
+)
+from coatnet_scale.files import free_name, fsync_dir, remove_tree
 from coatnet_scale.guard import overflow_at_min_scale_skips
 from coatnet_scale.run_folder import IGNORED_ON_RESUME, flatten, is_free, saved_form
 from coatnet_scale.seeding import seed_for, seed_rank_streams
@@ -206,39 +210,24 @@ def prepare_load(ckpt: Path, saved_world: int, world: int, log: Log) -> LoadPlan
     partitioned = any(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
     if saved_world == world or not partitioned:
         return LoadPlan(ckpt.parent, ckpt.name, universal=False)
-    rank, _ = rank_world()
-    attempt = from_rank0(secrets.token_hex(4))  # names this attempt's failure note
-    failed_note = ckpt / f"{TMP_PREFIX}conversion-failed-{attempt}"
-    if rank == 0:
-        failure = None
-        if not (ckpt / UNIVERSAL).is_dir():
-            log(f"{ckpt.name} was saved by {saved_world} rank(s), this run has {world}: converting")
-            started = time.perf_counter()
-            try:
-                failure = convert_to_universal(ckpt)
-            except Exception as err:  # the waiting ranks must hear of any failure
-                failure = f"converting {ckpt} to a universal checkpoint failed: {err!r}"
-            if failure is None:
-                log(f"converted to {ckpt / UNIVERSAL} in {time.perf_counter() - started:.1f} s")
-            else:
-                atomic_write_text(failed_note, failure or "failed")
-    else:
-        failure = wait_for_conversion(ckpt, failed_note)
-    barrier()  # every rank has its answer: quick
-    if rank == 0:
-        failed_note.unlink(missing_ok=True)
+
+    def convert() -> str | None:
+        if (ckpt / UNIVERSAL).is_dir():
+            return None
+        log(f"{ckpt.name} was saved by {saved_world} rank(s), this run has {world}: converting")
+        started = time.perf_counter()
+        try:
+            failure = convert_to_universal(ckpt)
+        except Exception as err:
+            failure = f"converting {ckpt} to a universal checkpoint failed: {err!r}"
+        if failure is None:
+            log(f"converted to {ckpt / UNIVERSAL} in {time.perf_counter() - started:.1f} s")
+        return failure
+
+    failure = rank0_work_awaited_on_disk(convert, (ckpt / UNIVERSAL).is_dir, ckpt, poll_s=1.0)
     if failure:
         raise CheckpointError(failure)
     return LoadPlan(ckpt, UNIVERSAL, universal=True)
-
-
-def wait_for_conversion(ckpt: Path, failed_note: Path, poll_s: float = 1.0) -> str | None:
-    """Until rank 0's conversion of `ckpt` is complete (None) or has failed (its message)."""
-    while not (ckpt / UNIVERSAL).is_dir():
-        if failed_note.exists():
-            return failed_note.read_text() or "the conversion failed"
-        time.sleep(poll_s)
-    return None
 
 
 def convert_to_universal(ckpt: Path, progress_every_s: float = 60.0) -> str | None:

@@ -7,10 +7,16 @@ as the checkpoint tools run outside training too."""
 
 from __future__ import annotations
 
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from coatnet_scale.files import atomic_write_text
 
 
 def largest(values: list[float], device: torch.device) -> list[float]:
@@ -63,3 +69,32 @@ def gather(value: Any) -> list[Any]:
     out: list[Any] = [None] * world
     dist.all_gather_object(out, value)
     return out
+
+
+def rank0_work_awaited_on_disk(
+    work: Callable[[], str | None], done: Callable[[], bool], folder: Path, poll_s: float = 0.5
+) -> str | None:
+    """Rank 0 runs `work` (it returns an error message or None; an exception is its message);
+    the other ranks wait on the filesystem until `done()` or rank 0's failure note in `folder`,
+    not in a collective, which would fail after the collective timeout a long work (a CoAtNet-7
+    conversion or merge) can outlast. Then one quick barrier. Returns the failure, on every rank.
+    `folder` must be visible to every rank (the run folder, shared like the checkpoints)."""
+    rank = rank_world()[0]
+    note = folder / f".tmp-failed-{from_rank0(secrets.token_hex(4))}"  # this attempt's
+    failure = None
+    if rank == 0:
+        try:
+            failure = work()
+        except Exception as err:  # the waiting ranks must hear of any failure
+            failure = repr(err)
+        if failure:
+            atomic_write_text(note, failure)
+    else:
+        while not done() and not note.exists():
+            time.sleep(poll_s)
+        if note.exists():
+            failure = note.read_text() or "failed on rank 0"
+    barrier()
+    if rank == 0:
+        note.unlink(missing_ok=True)
+    return failure
