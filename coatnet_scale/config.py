@@ -361,6 +361,8 @@ class Config:
                 getattr(self, f.name).validate()
             except ConfigError as err:
                 raise err.under(f.name) from None
+        if self.model.num_classes < 1:
+            raise ConfigError("model.num_classes", "training needs a classifier: must be >= 1")
         if self.schedule.min_lr > self.optim.lr:
             raise ConfigError(
                 "schedule.min_lr", f"{self.schedule.min_lr} is above optim.lr {self.optim.lr}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from coatnet_scale.checkpoint.layout import (
 )
 from coatnet_scale.checkpoint.state import TrainerState
 from coatnet_scale.files import atomic_write_text
-from coatnet_scale.models import EXPORT_WEIGHTS
+from coatnet_scale.models import EXPORT_WEIGHTS, ModelConfig
 
 
 def consolidated_state_dict(ckpt: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -66,30 +68,60 @@ def resolve_checkpoint(path: Path, checksums: bool = True) -> Path:
 
 
 def export(ckpt: Path, out_dir: Path, use_ema: bool = False) -> Path:
-    """Write `out_dir/model.safetensors` (consolidated fp32) and `out_dir/config.json` (the model
-    config, step and timm pretrained_cfg). Loadable by `create_model(name, checkpoint=out_dir)` and
-    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`."""
-    from safetensors.torch import save_file
-
-    from coatnet_scale.models.timm_registry import pretrained_cfg
-
-    state = consolidated_state_dict(ckpt, use_ema)
+    """Consolidate a checkpoint into an export folder (`write_export_folder`)."""
     trainer = TrainerState.read(ckpt)
-    model = trainer.config["model"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / EXPORT_WEIGHTS
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(weights)
-    info = {
-        "architecture": model["name"],
-        "model": model,
+    provenance = {
         "step": trainer.step,
         "ema": use_ema,
         "source": str(ckpt.resolve()),
         "config_hash": trainer.config_hash,
         "code_version": trainer.code_version,
-        "pretrained_cfg": pretrained_cfg(model["image_size"], model["num_classes"]),
+    }
+    state = consolidated_state_dict(ckpt, use_ema)
+    crop_pct = trainer.config.get("data", {}).get("eval_crop_pct", 0.875)
+    model = ModelConfig(**trainer.config["model"])
+    return write_export_folder(state, model, out_dir, provenance, crop_pct)
+
+
+def write_export_folder(
+    state: dict[str, torch.Tensor],
+    model: ModelConfig,
+    out_dir: Path,
+    provenance: dict,
+    crop_pct: float = 0.875,
+) -> Path:
+    """Write `out_dir/model.safetensors` (fp32) and `out_dir/config.json`, readable by the group
+    and others (an export is meant to be shared on a cluster).
+
+    config.json follows timm's convention for a model folder (architecture, num_classes,
+    num_features, pretrained_cfg, model_args), so the folder loads in one line,
+    `timm.create_model("local-dir:PATH", pretrained=True)` (with coatnet_scale imported, which
+    registers the architectures), at the exported resolution and class count. Our own keys sit
+    next to them: the full model config and where the weights come from (`provenance`). `crop_pct`
+    is the evaluation's center-crop fraction (`data.eval_crop_pct`), for timm's eval transforms.
+    """
+    from safetensors.torch import save_file
+
+    from coatnet_scale.models.timm_registry import pretrained_cfg
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / EXPORT_WEIGHTS
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
+    tmp.replace(weights)
+    fields = dataclasses.asdict(model)
+    info = {
+        "architecture": model.name,
+        "num_classes": model.num_classes,
+        "num_features": model.arch().stages[-1][-1].width,
+        "pretrained_cfg": pretrained_cfg(
+            model.image_size, model.num_classes, model.in_chans, crop_pct
+        ),
+        # timm passes these to the model factory; `name` is the architecture itself
+        "model_args": {k: v for k, v in fields.items() if k != "name"},
+        "model": fields,
+        **provenance,
     }
     atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(info, indent=1) + "\n")
     return weights

@@ -27,7 +27,7 @@ from coatnet_scale.distributed.device import DeviceBinding, bind_device, configu
 from coatnet_scale.distributed.env import DistEnv
 from coatnet_scale.guard import overflow_at_min_scale_skips
 from coatnet_scale.models import CoAtNet, ModelConfig, adapt_state_dict, build_model
-from coatnet_scale.models.layers import fp32_batchnorm_statistics, init_module_
+from coatnet_scale.models.layers import fp32_batchnorm_statistics
 from coatnet_scale.optim import MasterWeightEma, build_optimizer, param_groups
 from coatnet_scale.preflight import gradient_accumulation
 
@@ -157,10 +157,11 @@ def build_sharded_model(
         model = CoAtNet(model_cfg)
     # zero.Init partitioned each module's parameters as it was built; initialise them one module
     # at a time with that module's partitions gathered (rank 0's values are kept).
-    for module in model.modules():
-        params = list(module.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            init_module_(module)
+    model.init_weights(
+        around=lambda module: deepspeed.zero.GatheredParameters(
+            list(module.parameters(recurse=False)), modifier_rank=0
+        )
+    )
     return model
 
 

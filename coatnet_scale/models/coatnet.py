@@ -11,40 +11,40 @@ construction allocates no initialised weights; `init_weights()` does, so the mod
 the meta device or under `deepspeed.zero.Init` (applied from `distributed/`, never here).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FX writes the forward's annotations into the code
+# it generates, and TorchScript cannot read a postponed (string) annotation there.
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
+from timm.layers import calculate_drop_path_rates
+from timm.models import clean_state_dict
+from timm.models._features import feature_take_indices
 from torch import nn
 
-from coatnet_scale.models.config import (
-    STAGE_NAMES,
-    CoAtNetArch,
-    ModelConfig,
-    block_drop_rates,
-)
+from coatnet_scale.models.config import STAGE_NAMES, CoAtNetArch, ModelConfig
 from coatnet_scale.models.layers import (
-    ClassifierHead,
-    Layout,
     MBConvBlock,
     RelPosBias,
     Stem,
     TransformerBlock,
+    classifier_head,
     grid_after,
     init_module_,
     resize_rel_pos_table,
 )
 
 STAGE_STRIDES = {"stem": 2, "s1": 4, "s2": 8, "s3": 16, "s4": 32}
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP and torch.compile wrappers
+INPUT_MULTIPLE = 32  # input height and width: every stage halves the grid by 2x2 pooling
 EXPORT_WEIGHTS = "model.safetensors"  # the weights file of an export folder
+CLASSIFIER = "head"  # the classifier head's module name (initialised as a classifier)
+# State-dict names this code wrote before the head became timm's NormMlpClassifierHead.
+LEGACY_KEYS = {"head.pre_logits.0.": "head.pre_logits.fc."}
 
 
 def _build_stage(
@@ -69,7 +69,8 @@ def _build_stage(
     return nn.Sequential(*blocks)
 
 
-def _to_layout(x: torch.Tensor, current: Layout, wanted: Layout) -> torch.Tensor:
+def _to_layout(x: torch.Tensor, current: str, wanted: str) -> torch.Tensor:
+    """An NCHW tensor as NHWC or back (a view: free for a channels_last tensor)."""
     if current == wanted:
         return x
     return x.permute(0, 2, 3, 1) if wanted == "nhwc" else x.permute(0, 3, 1, 2)
@@ -126,7 +127,13 @@ def checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class CoAtNet(nn.Module):
-    """CoAtNet-N for image classification; see the module docstring for sources and contract."""
+    """CoAtNet-N for image classification; see the module docstring for sources and contract.
+
+    timm's model contract holds (checked by tests/unit/test_timm_contract.py): any input size that
+    is a multiple of 32 (the relative-position tables are resized for other grids,
+    `RelPosBias`), unpooled features after `reset_classifier(0, "")`, `forward_intermediates`
+    and `features_only`, TorchScript and FX.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -135,15 +142,18 @@ class CoAtNet(nn.Module):
         arch = cfg.arch()
         self.num_classes = cfg.num_classes
         self.image_size = cfg.image_size
+        self.channels_last = cfg.channels_last
         self.stem = Stem(cfg.in_chans, arch.stem_width)
-        drop_rates = iter(block_drop_rates(arch, cfg.drop_path_rate))
+        depth = sum(seg.depth for stage in arch.stages for seg in stage)
+        drop_rates = iter(calculate_drop_path_rates(cfg.drop_path_rate, depth))
         stages, dim = [], arch.stem_width
         for index in range(len(arch.stages)):
             stages.append(_build_stage(arch, cfg, index, dim, drop_rates))
             dim = arch.stages[index][-1].width
         self.stages = nn.ModuleList(stages)
-        self.num_features = self.head_hidden_size = dim
-        self.head = ClassifierHead(dim, cfg.num_classes, cfg.head == "gap_ln_prelogits_fc")
+        self.num_features = dim
+        self.head = classifier_head(dim, cfg.num_classes, cfg.head == "gap_ln_prelogits_fc")
+        self.head_hidden_size: int = self.head.num_features
         self.grad_checkpointing: frozenset[str] = frozenset()
         self.feature_info = [
             dict(num_chs=arch.stem_width, reduction=2, module="stem"),
@@ -152,18 +162,26 @@ class CoAtNet(nn.Module):
                 for i, (n, a) in enumerate(zip(STAGE_NAMES[1:], arch.stages, strict=True))
             ),
         ]
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     # ---- construction contract -------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter and buffer (`init_module_`: timm's default for CoAtNet)."""
-        for module in self.modules():
-            init_module_(module)
+    def init_weights(
+        self, around: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None
+    ) -> None:
+        """Initialise every parameter and buffer (`init_module_`: timm's default for CoAtNet), one
+        module at a time, in module order; `around(module)` wraps each module's initialisation
+        (ZeRO-3 gathers the module's partitions there)."""
+        for name, module in self.named_modules():
+            with around(module) if around is not None else contextlib.nullcontext():
+                init_module_(module, classifier=is_classifier(name))
 
     def set_input_size(self, image_size: int) -> None:
-        """Adapt to a new input resolution: bilinearly resize every relative-position table."""
-        if image_size < 32 or image_size % 32:
+        """Make `image_size` the built size: bilinearly resize every relative-position table to its
+        grid (fine-tuning at 384/512 trains tables of that size). Running at another size needs
+        no call: the tables are resized on the fly."""
+        if image_size < INPUT_MULTIPLE or image_size % INPUT_MULTIPLE:
             raise ValueError(f"image size must be a positive multiple of 32, got {image_size}")
         for name, stage in zip(STAGE_NAMES[1:], self.stages, strict=True):
             grid = grid_after(image_size, STAGE_STRIDES[name])
@@ -175,6 +193,7 @@ class CoAtNet(nn.Module):
 
     # ---- what the trainer reads --------------------------------------------------------------
 
+    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters not to decay: the weights and biases of normalisation layers,
         every bias, and the relative-position tables.
@@ -192,6 +211,7 @@ class CoAtNet(nn.Module):
                     names.add(prefix + param_name)
         return names
 
+    @torch.jit.ignore
     def set_grad_checkpointing(
         self, enable: bool = True, stages: Iterable[str] | None = None
     ) -> None:
@@ -208,51 +228,138 @@ class CoAtNet(nn.Module):
         current = set(self.grad_checkpointing)
         self.grad_checkpointing = frozenset(current | chosen if enable else current - chosen)
 
+    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's layer groups (for layer-wise LR decay): stem, then stages or blocks."""
         blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
         return dict(stem=r"^stem", blocks=[(blocks, None), (r"^head\.norm", (99999,))])
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier for a new class count (initialised as in `init_weights`)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"CoAtNet pools by global average only, not {global_pool!r}")
+        """Replace the classifier for a new class count (initialised as in `init_weights`);
+        `global_pool=""` removes the pooling too: the model then returns the (B, C, H/32, W/32)
+        map, through the head's norm and pre-logits applied per position (timm's head)."""
+        if global_pool not in (None, "", "avg"):
+            raise ValueError(f"CoAtNet pools by global average or not at all, not {global_pool!r}")
         self.num_classes = num_classes
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
-        self.head.reset(num_classes)
-        init_module_(self.head.fc)
+        self.head.reset(num_classes, global_pool)
+        self.head_hidden_size = self.head.num_features
+        init_module_(self.head.fc, classifier=True)
 
     # ---- forward ---------------------------------------------------------------------------
 
     def _units(self) -> Iterator[tuple[str, nn.Module]]:
+        """(stage name, block) in forward order: the checkpoint units."""
         yield "stem", self.stem
         for name, stage in zip(STAGE_NAMES[1:], self.stages, strict=True):
             for block in stage:
                 yield name, block
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, C, H, W) -> last-stage feature map (B, D4, H/32, W/32)."""
-        if self.cfg.channels_last:
+    def _stage_checkpointed(self, index: int) -> bool:
+        """Whether stage `index` (0 = stem) runs under activation checkpointing now."""
+        return (
+            bool(self.grad_checkpointing)
+            and torch.is_grad_enabled()
+            and (STAGE_NAMES[index] in self.grad_checkpointing)
+        )
+
+    def _forward_stages(
+        self, x: torch.Tensor, take: list[int], last: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the stem (feature 0) and stages 1..`last`; returns the last NCHW map and the NCHW
+        maps of the features in `take`. One loop for `forward_features` and
+        `forward_intermediates`, written so that TorchScript compiles it."""
+        # 32 = INPUT_MULTIPLE, written out: TorchScript cannot read a module-level constant
+        torch._assert(x.shape[-2] % 32 == 0, "input height must be a multiple of 32")
+        torch._assert(x.shape[-1] % 32 == 0, "input width must be a multiple of 32")
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        layout: Layout = "nchw"
-        use_checkpointing = bool(self.grad_checkpointing) and torch.is_grad_enabled()
-        for stage_name, block in self._units():
-            x = _to_layout(x, layout, block.layout)
-            layout = block.layout
-            if use_checkpointing and stage_name in self.grad_checkpointing:
-                x = checkpointed(block, x)
-            else:
-                x = block(x)
-        return _to_layout(x, layout, "nchw")
+        if torch.jit.is_scripting():  # (no checkpointing: not compiled)
+            x = self.stem(x)
+        elif self._stage_checkpointed(0):
+            x = checkpointed(self.stem, x)
+        else:
+            x = self.stem(x)
+        features: list[torch.Tensor] = [x] if 0 in take else []
+        layout = "nchw"
+        for index, stage in enumerate(self.stages):
+            if index < last:
+                for block in stage:
+                    x = _to_layout(x, layout, block.layout)
+                    layout = block.layout
+                    if torch.jit.is_scripting():
+                        x = block(x)
+                    elif self._stage_checkpointed(index + 1):
+                        x = checkpointed(block, x)
+                    else:
+                        x = block(x)
+                if index + 1 in take:
+                    features.append(_to_layout(x, layout, "nchw"))
+        return _to_layout(x, layout, "nchw"), features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> last-stage feature map (B, D4, H/32, W/32); H and W are any
+        multiples of 32."""
+        return self._forward_stages(x, [], len(self.stages))[0]
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's multi-scale features: the maps of the stem (index 0) and of S1..S4 (1..4), all
+        NCHW (`feature_info` gives their channels and strides); `indices` takes the last n (int)
+        or the listed ones. `norm` has nothing to apply: the final norm belongs to the head."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"CoAtNet's intermediates are NCHW, not {output_fmt}")
+        take, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        last = max_index if stop_early or intermediates_only else len(self.stages)
+        x, features = self._forward_stages(x, take, last)
+        return features if intermediates_only else (x, features)
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last feature in `indices` and (by default) the head: what
+        timm's `features_only` wrapper calls. Returns the absolute feature indices."""
+        take, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        self.stages = self.stages[:max_index]
+        self.feature_info = self.feature_info[: max_index + 1]
+        if max_index < len(STAGE_NAMES) - 1 or prune_head:
+            self.num_features = self.feature_info[-1]["num_chs"]
+            self.head = nn.Identity()
+            self.num_classes = self.head_hidden_size = 0
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def is_classifier(module_name: str) -> bool:
+    """Whether a module (by its name in a `CoAtNet`) belongs to the classifier head."""
+    return module_name == CLASSIFIER or module_name.startswith(CLASSIFIER + ".")
+
+
+def _rename_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Load-time hook: rename keys written before the head was timm's (every load path, also
+    DeepSpeed's resume, goes through `load_state_dict`)."""
+    for key in list(state_dict):
+        for old, new in LEGACY_KEYS.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
 
 
 # ---- building and checkpoint adaptation ------------------------------------------------------
@@ -276,23 +383,30 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> CoAtNet
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CoAtNet) -> dict:
-    """Adapt a state dict to `model`: strip wrapper prefixes, resize rel-pos tables, drop a head
-    whose class count differs. Pure function (timm's `checkpoint_filter_fn` convention)."""
+    """Adapt a state dict to `model`: strip wrapper prefixes (timm's `clean_state_dict`), rename
+    legacy keys, resize rel-pos tables, reshape a head layer between Linear and 1x1 conv (an
+    unpooled head), drop a classifier whose class count differs. Pure function (timm's
+    `checkpoint_filter_fn` convention)."""
     for nested in ("module", "state_dict", "model"):
         if nested in state_dict and isinstance(state_dict[nested], Mapping):
             state_dict = state_dict[nested]
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        for prefix in WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+    for key, value in clean_state_dict(dict(state_dict)).items():
+        for old, new in LEGACY_KEYS.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
         target = own.get(key)
-        if key.endswith("rel_pos.table") and target is not None and target.shape != value.shape:
-            grid = ((target.shape[-2] + 1) // 2, (target.shape[-1] + 1) // 2)
-            value = resize_rel_pos_table(value, grid)
-        if key.startswith("head.fc.") and target is not None and target.shape != value.shape:
-            continue  # class count changed: keep the freshly initialised classifier
+        if target is None and key.startswith("head.fc."):
+            continue  # the model has no classifier (num_classes=0)
+        if target is not None and target.shape != value.shape:
+            if key.endswith("rel_pos.table"):
+                grid = ((target.shape[-2] + 1) // 2, (target.shape[-1] + 1) // 2)
+                value = resize_rel_pos_table(value, grid)
+            elif key.startswith("head.fc."):
+                continue  # class count changed: keep the freshly initialised classifier
+            elif key.startswith("head.") and target.numel() == value.numel():
+                value = value.reshape(target.shape)  # Linear <-> 1x1 conv of an unpooled head
         out[key] = value
     return out
 

@@ -97,7 +97,7 @@ class ModelConfig:
     """The `model` config section: which variant, at which resolution, with which paper switches."""
 
     name: str = option("coatnet0", "variant: coatnet0..coatnet7 or coatnet_debug")
-    num_classes: int = option(1000, "classifier outputs")
+    num_classes: int = option(1000, "classifier outputs (0: no classifier, pooled features)")
     image_size: int = option(224, "input resolution (multiple of 32); sizes the rel-pos tables")
     in_chans: int = option(3, "input channels")
     drop_path_rate: float = option(0.0, "stochastic depth rate of the last block (linear ramp)")
@@ -127,8 +127,8 @@ class ModelConfig:
             raise ConfigError(
                 "image_size", f"must be a positive multiple of 32, got {self.image_size}"
             )
-        if self.num_classes < 1:
-            raise ConfigError("num_classes", f"must be >= 1, got {self.num_classes}")
+        if self.num_classes < 0:
+            raise ConfigError("num_classes", f"must be >= 0, got {self.num_classes}")
         if self.in_chans < 1:
             raise ConfigError("in_chans", f"must be >= 1, got {self.in_chans}")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -143,15 +143,3 @@ class ModelConfig:
             s4 = _t(arch.stages[3][0].depth, self.c6_s4_width)
             arch = dataclasses.replace(arch, stages=(*arch.stages[:3], s4))
         return arch
-
-
-def block_drop_rates(arch: CoAtNetArch, rate: float) -> list[float]:
-    """Stochastic-depth rate per block: linspace(0, rate) over all blocks of S1..S4.
-
-    Follows timm's `calculate_drop_path_rates`; [MV] uses rate*i/N, which differs only in the ramp's
-    end point.
-    """
-    n = sum(seg.depth for stage in arch.stages for seg in stage)
-    if n == 1:
-        return [0.0]
-    return [rate * i / (n - 1) for i in range(n)]

@@ -15,6 +15,7 @@ built on the meta device (or under deepspeed.zero.Init) and initialised afterwar
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from functools import lru_cache
@@ -22,7 +23,16 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, SEModule
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    LayerNorm2d,
+    Mlp,
+    NormMlpClassifierHead,
+    SEModule,
+    register_notrace_function,
+    register_notrace_module,
+)
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -39,18 +49,19 @@ MBCONV_EXPANSION = 4  # [P Table 3 caption]; hidden width from the output width,
 SE_RATIO = 0.25  # [P Table 3 caption]; squeeze width int(0.25 * D_out), as in [MV] and timm
 
 
-def pool2x2_nchw(x: torch.Tensor, pool: PoolType) -> torch.Tensor:
+def pool2x2_nchw(x: torch.Tensor, pool: str) -> torch.Tensor:
     """2x2 pooling with stride 2 on an NCHW tensor."""
     return F.max_pool2d(x, 2) if pool == "max" else F.avg_pool2d(x, 2)
 
 
-def pool2x2_nhwc(x: torch.Tensor, pool: PoolType) -> torch.Tensor:
+def pool2x2_nhwc(x: torch.Tensor, pool: str) -> torch.Tensor:
     """2x2 pooling with stride 2 on an NHWC tensor, by reshaping (no permute to NCHW)."""
     b, h, w, c = x.shape
     x = x.reshape(b, h // 2, 2, w // 2, 2, c)
     return x.amax(dim=(2, 4)) if pool == "max" else x.mean(dim=(2, 4))
 
 
+@register_notrace_module  # a leaf for FX, as torch.nn's own BatchNorm2d is
 class BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose statistics and affine parameters stay fp32 when the model runs in bf16/fp16.
 
@@ -61,19 +72,19 @@ class BatchNorm2d(nn.BatchNorm2d):
     in fp32 and save the input in its own dtype for the backward), so only the per-channel
     parameters are cast, not the activation: an fp32 copy of every BN input would double the
     memory of the largest maps of the network.
+
+    Written without `super().forward` and with the buffer repair outside TorchScript, so the
+    model scripts (`torch.jit.script`); `.float()` of an fp32 tensor is the tensor itself.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return super().forward(x)
-        if self.running_mean is not None and self.running_mean.dtype != torch.float32:
-            self.running_mean.data = self.running_mean.float()
-            self.running_var.data = self.running_var.float()
+        if not torch.jit.is_scripting():
+            _fp32_statistics(self)
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        momentum = self.momentum
-        if momentum is None:  # cumulative average, as nn.BatchNorm2d
-            momentum = 1.0 / max(1.0, float(self.num_batches_tracked))
+            if self.momentum is None:  # cumulative average, as nn.BatchNorm2d
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
         return F.batch_norm(
             x,
             self.running_mean if not self.training or self.track_running_stats else None,
@@ -81,11 +92,19 @@ class BatchNorm2d(nn.BatchNorm2d):
             self.weight.float(),
             self.bias.float(),
             self.training or not self.track_running_stats,
-            momentum,
+            exponential_average_factor,
             self.eps,
         )
 
 
+def _fp32_statistics(norm: nn.Module) -> None:
+    """Running statistics back to fp32 if a low-precision cast made them bf16/fp16."""
+    if norm.running_mean is not None and norm.running_mean.dtype != torch.float32:
+        norm.running_mean.data = norm.running_mean.float()
+        norm.running_var.data = norm.running_var.float()
+
+
+@register_notrace_function  # FX: its test of dtypes and shapes runs, not traced
 def residual_add(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     """branch + shortcut, written into `branch` when that is safe.
 
@@ -106,10 +125,9 @@ class Stem(nn.Module):
     (as in timm, which is what the reference parameter counts assume).
     """
 
-    layout: Layout = "nchw"
-
     def __init__(self, in_chans: int, width: int) -> None:
         super().__init__()
+        self.layout: str = "nchw"  # a `Layout`; an instance attribute so TorchScript sees it
         self.conv1 = nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False)
         self.norm1 = BatchNorm2d(width, eps=BN_EPS)
         self.act1 = nn.GELU()
@@ -130,8 +148,6 @@ class MBConvBlock(nn.Module):
     Table 9 and timm's default). The shortcut projection exists only when the width changes.
     """
 
-    layout: Layout = "nchw"
-
     def __init__(
         self,
         dim_in: int,
@@ -142,6 +158,7 @@ class MBConvBlock(nn.Module):
         drop_path: float,
     ) -> None:
         super().__init__()
+        self.layout: str = "nchw"
         hidden = MBCONV_EXPANSION * dim_out
         self.stride = stride
         self.pool = pool
@@ -170,14 +187,12 @@ class MBConvBlock(nn.Module):
         return residual_add(self.drop_path(y), shortcut)
 
 
-@lru_cache(maxsize=64)
-def relative_position_index(height: int, width: int, device: torch.device) -> torch.Tensor:
+def _relative_position_index(height: int, width: int, device: torch.device) -> torch.Tensor:
     """Flat index into a (2H-1)x(2W-1) table for every (query, key) pair of an HxW grid.
 
     index[i, j] = (row_i - row_j + H - 1) * (2W - 1) + (col_i - col_j + W - 1): the query-minus-key
-    convention of [P] Eq. (3) read with (i, j) as the query (and of timm's RelPosBias). Cached per
-    grid and device, so it is neither a buffer (nothing to re-create after building on meta) nor
-    recomputed each step.
+    convention of [P] Eq. (3) read with (i, j) as the query. Ours, not timm's
+    `gen_relative_position_index` (the same index, tested): TorchScript cannot compile timm's.
     """
     rows, cols = torch.meshgrid(
         torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij"
@@ -188,53 +203,82 @@ def relative_position_index(height: int, width: int, device: torch.device) -> to
     return d_row * (2 * width - 1) + d_col
 
 
+# Cached per grid and device, so the index is neither a buffer (nothing to re-create after
+# building on meta) nor recomputed each step.
+relative_position_index = lru_cache(maxsize=64)(_relative_position_index)
+
+
 def resize_rel_pos_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Resize per-head (2H-1)x(2W-1) tables to a new grid by bilinear interpolation [P A.1].
 
     `align_corners=False` is the half-pixel convention of `tf.image.resize` used by [MV]. Unlike
     timm's BEiT-style geometric resampling, this is the paper's plain bilinear resize.
+    Differentiable: a model run at another size than it was built for trains its tables through it.
     """
     size = (2 * grid[0] - 1, 2 * grid[1] - 1)
-    if tuple(table.shape[-2:]) == size:
+    if table.shape[-2] == size[0] and table.shape[-1] == size[1]:
         return table
     resized = F.interpolate(table[None].float(), size=size, mode="bilinear", align_corners=False)
     return resized[0].to(table.dtype)
 
 
+@register_notrace_module  # FX: called with the traced grid size, not traced through
 class RelPosBias(nn.Module):
     """One trainable (2H-1)x(2W-1) bias table per head [P §2.1 Eq. (3), A.1; kecam issue #10].
 
-    `forward()` gathers the (heads, HW, HW) bias added to the attention logits before the softmax.
-    Under torch.no_grad (evaluation) the gathered bias is cached until the table changes.
+    `forward(height, width)` gathers the (heads, HW, HW) bias added to the attention logits before
+    the softmax, for any grid: the table is kept at the size the model was built for and resized
+    bilinearly (`resize_rel_pos_table`, as a checkpoint loaded at another resolution) when the
+    input's grid differs, so one model runs at any input size. The index is cached per grid;
+    under torch.no_grad (evaluation) the gathered bias is cached per grid until the table changes.
     """
 
     def __init__(self, num_heads: int, grid: tuple[int, int]) -> None:
         super().__init__()
         self.grid = grid
         self.table = nn.Parameter(torch.empty(num_heads, 2 * grid[0] - 1, 2 * grid[1] - 1))
-        self._cache: tuple[int, int, torch.Tensor] | None = None
+        self._cache: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}
 
     def set_grid(self, grid: tuple[int, int]) -> None:
-        """Change the attention grid, resizing the table bilinearly (fine-tuning at 384/512)."""
+        """Change the built grid, resizing the table bilinearly (fine-tuning at 384/512)."""
         with torch.no_grad():
             self.table = nn.Parameter(resize_rel_pos_table(self.table.data, grid))
         self.grid = grid
-        self._cache = None
+        self._cache = {}
 
-    def forward(self) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            key = (self.table.data_ptr(), self.table._version)
-            if self._cache is not None and self._cache[:2] == key:
-                return self._cache[2]
-            bias = self._gather()
-            self._cache = (*key, bias)
-            return bias
-        self._cache = None
-        return self._gather()
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return _gather_bias(self.table, height, width)
+        if torch.is_grad_enabled():
+            self._cache = {}
+            return _gather_bias(self.table, height, width)
+        key = (self.table.data_ptr(), self.table._version)
+        cached = self._cache.get((height, width))
+        if cached is not None and cached[:2] == key:
+            return cached[2]
+        bias = _gather_bias(self.table, height, width)
+        self._cache[(height, width)] = (*key, bias)
+        return bias
 
-    def _gather(self) -> torch.Tensor:
-        index = relative_position_index(*self.grid, self.table.device)
-        return self.table.flatten(1)[:, index]
+
+def _gather_bias(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    table = resize_rel_pos_table(table, (height, width))
+    if torch.jit.is_scripting():
+        index = _relative_position_index(height, width, table.device)
+    else:
+        index = relative_position_index(height, width, table.device)
+    return table.flatten(1)[:, index]
+
+
+@register_notrace_function  # FX keeps the kernel choice (a traced `with` would be lost)
+def biased_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention with an additive bias that gets a gradient (`BIAS_GRAD_KERNELS`)."""
+    if torch.jit.is_scripting():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with sdpa_kernel(BIAS_GRAD_KERNELS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 class RelPosAttention(nn.Module):
@@ -264,15 +308,9 @@ class RelPosAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
-        if (h, w) != self.rel_pos.grid:
-            raise ValueError(
-                f"attention grid {h}x{w} does not match the model's {self.rel_pos.grid}; build the "
-                "model at this image size or call model.set_input_size(image_size)"
-            )
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        with sdpa_kernel(BIAS_GRAD_KERNELS):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos().to(q.dtype))
+        y = biased_attention(q, k, v, self.rel_pos(h, w).to(q.dtype))
         return self.proj(y.transpose(1, 2).reshape(b, h, w, -1))
 
 
@@ -285,8 +323,6 @@ class TransformerBlock(nn.Module):
     Attn(LN(x)) [docs/architecture.md section 2.5].
     """
 
-    layout: Layout = "nhwc"
-
     def __init__(
         self,
         dim_in: int,
@@ -298,6 +334,7 @@ class TransformerBlock(nn.Module):
         drop_path: float,
     ) -> None:
         super().__init__()
+        self.layout: str = "nhwc"
         self.stride = stride
         self.pool = pool
         self.shortcut = nn.Linear(dim_in, dim_out) if dim_in != dim_out else None
@@ -319,35 +356,23 @@ class TransformerBlock(nn.Module):
         return residual_add(self.drop_path2(self.mlp(self.norm2(x))), x)
 
 
-class HeadLinear(nn.Linear):
-    """A linear layer of the classifier head. Its own type only so that `init_module_` keeps it
-    at N(0, 0.02), the scale of PyTorch's default for these widths, which timm leaves the head at,
-    instead of the Transformer layers' Xavier init. Parameter names are those of `nn.Linear`."""
-
-
-class ClassifierHead(nn.Module):
+def classifier_head(width: int, num_classes: int, prelogits: bool) -> nn.Module:
     """Global average pool, then either LN + Linear/tanh pre-logits + FC, or the paper's FC.
 
     [P A.1] describes GAP + FC only; [MV] and timm's paper-like configs add LN and a tanh pre-logits
-    layer, which the published parameter counts need (docs/architecture.md section 2.7).
+    layer, which the published parameter counts need (docs/architecture.md section 2.7). timm's own
+    heads (maxxvit's), so `reset_classifier(0, "")` gives unpooled features, as timm's tools expect.
     """
-
-    def __init__(self, width: int, num_classes: int, prelogits: bool) -> None:
-        super().__init__()
-        self.num_features = width
-        self.norm = nn.LayerNorm(width, eps=LN_EPS) if prelogits else nn.Identity()
-        self.pre_logits = (
-            nn.Sequential(HeadLinear(width, width), nn.Tanh()) if prelogits else nn.Identity()
+    if prelogits:
+        return NormMlpClassifierHead(
+            width,
+            num_classes,
+            hidden_size=width,
+            pool_type="avg",
+            norm_layer=functools.partial(LayerNorm2d, eps=LN_EPS),
+            act_layer="tanh",
         )
-        self.fc = HeadLinear(width, num_classes) if num_classes > 0 else nn.Identity()
-
-    def reset(self, num_classes: int) -> None:
-        """Replace the final layer (new class count); the new layer still needs initialising."""
-        self.fc = HeadLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pre_logits(self.norm(x.mean(dim=(2, 3))))
-        return x if pre_logits else self.fc(x)
+    return ClassifierHead(width, num_classes, pool_type="avg")
 
 
 def _drawn_in_fp32_(tensor: torch.Tensor, draw: Callable[[torch.Tensor], object]) -> None:
@@ -371,13 +396,15 @@ def conv_init_std(conv: nn.Conv2d) -> float:
     return math.sqrt(2.0 / fan_out)
 
 
-def init_module_(module: nn.Module) -> None:
+def init_module_(module: nn.Module, classifier: bool = False) -> None:
     """Initialise one module's own parameters and buffers, as timm's CoAtNet does by default
     ("vit_eff"; the paper is silent):
 
     * convolutions (stem, MBConv, SE): N(0, `conv_init_std`), EfficientNet's He fan-out init;
     * Transformer linears (qkv, projections, FFN, shortcut): Xavier uniform, as in ViT;
-    * the classifier head (`HeadLinear`) and relative-position tables: N(0, 0.02), truncated;
+    * the classifier head's layers (`classifier`: a module under `head.`) and relative-position
+      tables: N(0, 0.02), truncated, the scale of PyTorch's default for these widths, which timm
+      leaves the head at;
     * zero biases; norms at weight 1, bias 0.
 
     Why not N(0, 0.02) everywhere, as this code did before: a 0.02 conv init shrinks every MBConv
@@ -387,7 +414,7 @@ def init_module_(module: nn.Module) -> None:
 
     Kept per module so that a sharded build can initialise one module at a time.
     """
-    if isinstance(module, HeadLinear):
+    if classifier and isinstance(module, nn.Linear | nn.Conv2d):
         _drawn_in_fp32_(module.weight, lambda t: nn.init.trunc_normal_(t, std=0.02))
     elif isinstance(module, nn.Linear):
         _drawn_in_fp32_(module.weight, nn.init.xavier_uniform_)
@@ -401,21 +428,19 @@ def init_module_(module: nn.Module) -> None:
             module.reset_running_stats()
     elif isinstance(module, RelPosBias):
         _drawn_in_fp32_(module.table, lambda t: nn.init.trunc_normal_(t, std=0.02))
-        module._cache = None
+        module._cache = {}
     if isinstance(module, nn.Linear | nn.Conv2d) and module.bias is not None:
         nn.init.zeros_(module.bias)
 
 
 def fp32_batchnorm_statistics(model: nn.Module) -> None:
     """Running statistics back to fp32 after a low-precision build or cast (`zero.Init` makes every
-    buffer bf16/fp16). Done once, outside `forward`: the fallback in `BatchNorm2d.forward` changes
-    a buffer's dtype through `.data`, which torch.compile cannot trace."""
+    buffer bf16/fp16). Done once, outside `forward`, so a compiled forward never meets the repair
+    (it changes a buffer's dtype through `.data`, which torch.compile cannot trace)."""
     with torch.no_grad():
         for m in model.modules():
-            stats = getattr(m, "running_mean", None)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and stats is not None:
-                m.running_mean.data = m.running_mean.float()
-                m.running_var.data = m.running_var.float()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                _fp32_statistics(m)
 
 
 def grid_after(image_size: int, stride: int) -> tuple[int, int]:
@@ -425,13 +450,13 @@ def grid_after(image_size: int, stride: int) -> tuple[int, int]:
 
 
 __all__ = [
-    "ClassifierHead",
-    "HeadLinear",
+    "classifier_head",
     "MBConvBlock",
     "RelPosAttention",
     "RelPosBias",
     "Stem",
     "TransformerBlock",
+    "biased_attention",
     "conv_init_std",
     "fp32_batchnorm_statistics",
     "init_module_",

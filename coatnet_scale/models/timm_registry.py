@@ -2,9 +2,11 @@
 
 timm registers models at import time with `@register_model` on one function per name; the names
 here are the keys of `ARCHS` (coatnet0..coatnet7, coatnet_debug), which do not clash with timm's own
-`coatnet_N_224` models. Building goes through timm's `build_model_with_cfg`, so `pretrained=True`
-with `pretrained_cfg_overlay=dict(file=...)` loads our exported weights through
+`coatnet_N_224` models. Building goes through timm's `build_model_with_cfg`, so an export folder
+loads with `timm.create_model("local-dir:PATH", pretrained=True)` (its config.json follows timm's
+convention, `checkpoint.export`), and weights at another resolution or class count go through
 `checkpoint_filter_fn` (rel-pos tables resized, classifier replaced on a class-count change).
+`features_only=True` wraps the model in timm's FeatureGetterNet (`forward_intermediates`).
 """
 
 from __future__ import annotations
@@ -21,20 +23,26 @@ from coatnet_scale.models.config import ARCHS, ModelConfig
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
-def pretrained_cfg(image_size: int = 224, num_classes: int = 1000) -> dict[str, Any]:
+def pretrained_cfg(
+    image_size: int = 224, num_classes: int = 1000, in_chans: int = 3, crop_pct: float = 0.875
+) -> dict[str, Any]:
     """timm's pretrained_cfg for our models: preprocessing and the names timm's tools look up."""
     return dict(
         url="",
         num_classes=num_classes,
-        input_size=(3, image_size, image_size),
+        input_size=(in_chans, image_size, image_size),
         pool_size=(image_size // 32, image_size // 32),
-        crop_pct=0.875,
-        interpolation="bicubic",
+        crop_pct=crop_pct,
+        interpolation="bicubic",  # as our evaluation transform resizes
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
         first_conv="stem.conv1",
         classifier="head.fc",
         license="apache-2.0",
+        # Any multiple of 32 runs (the rel-pos tables are resized per grid): timm's tools may
+        # feed other sizes. Sizes must be multiples of 32; pretrained_cfg has no field for that.
+        fixed_input_size=False,
+        min_input_size=(in_chans, 32, 32),
     )
 
 
@@ -47,8 +55,6 @@ def _from_timm_kwargs(**kwargs: Any) -> CoAtNet:
         size = kwargs.pop("img_size")
         kwargs["image_size"] = size if isinstance(size, int) else int(size[0])
     pool = kwargs.pop("global_pool", "avg")
-    if pool not in (None, "", "avg"):
-        raise ValueError(f"CoAtNet pools by global average only, not {pool!r}")
     unknown = set(kwargs) - _CONFIG_FIELDS
     if unknown:
         raise TypeError(
@@ -56,7 +62,10 @@ def _from_timm_kwargs(**kwargs: Any) -> CoAtNet:
         )
     # Build where the caller's default device points, so `with torch.device("meta"):` around
     # timm.create_model("coatnet7") allocates nothing.
-    return build_model(ModelConfig(**kwargs), torch.get_default_device())
+    model = build_model(ModelConfig(**kwargs), torch.get_default_device())
+    if pool != "avg":
+        model.reset_classifier(model.num_classes, pool)
+    return model
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> CoAtNet:
@@ -66,6 +75,8 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> CoAtNet:
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         pretrained_strict=False,
+        # features_only goes through forward_intermediates: every map NCHW, whatever the block
+        feature_cfg=dict(feature_cls="getter"),
         name=variant,
         **kwargs,
     )

@@ -335,25 +335,20 @@ def test_export_loads_in_our_factory_and_in_timm(out) -> None:
     trained = weights(out, "plain")
     info = json.loads((export / "config.json").read_text())
     assert info["architecture"] == "coatnet_debug" and info["step"] == 6
+    for path in export.iterdir():  # teammates on a shared cluster can read it
+        assert path.stat().st_mode & 0o044 == 0o044, path.name
     ours = create_model("coatnet_debug", checkpoint=export, image_size=32, num_classes=3)
     assert_bitwise_equal(ours.state_dict(), trained)
-    # timm keeps the classifier only when num_classes equals the pretrained_cfg's: the export's
-    # config.json carries the right one.
-    overlay = {**info["pretrained_cfg"], "file": str(export / "model.safetensors")}
-    theirs = timm.create_model(
-        "coatnet_debug", pretrained=True, pretrained_cfg_overlay=overlay, img_size=32
-    )
-    assert theirs.num_classes == 3
+    # plain timm, one line: the export's config.json (timm's convention) has size and classes
+    theirs = timm.create_model(f"local-dir:{export}", pretrained=True)
+    assert theirs.num_classes == 3 and theirs.pretrained_cfg["input_size"] == (3, 32, 32)
     assert_bitwise_equal(theirs.state_dict(), trained)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(theirs.eval()(x), ours.eval()(x))
     # At another resolution and class count (timm's fine-tuning path): tables resized, new head.
-    other = timm.create_model(
-        "coatnet_debug",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
-        img_size=64,
-        num_classes=7,
-    )
-    assert other.head.fc.out_features == 7
+    other = timm.create_model(f"local-dir:{export}", pretrained=True, img_size=64, num_classes=7)
+    assert other.head.fc.out_features == 7 and other.image_size == 64
     assert torch.equal(other.state_dict()["stem.conv1.weight"], trained["stem.conv1.weight"])
 
 

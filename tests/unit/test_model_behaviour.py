@@ -322,12 +322,14 @@ def test_set_input_size_resizes_every_table_224_384_512() -> None:
 
 
 def test_model_runs_at_new_resolution_after_set_input_size() -> None:
+    """A model runs at a size it was not built for exactly as if `set_input_size` (the
+    checkpoint resize) had made the tables for it; `set_input_size` resizes them bilinearly."""
     model = small().eval()
     before = {n: t.detach().clone() for n, t in rel_tables(model).items()}
-    with pytest.raises(ValueError, match="set_input_size"):
-        model(torch.randn(1, 3, 96, 96))
+    x = torch.randn(1, 3, 96, 96)
+    on_the_fly = model(x)
     model.set_input_size(96)
-    assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+    assert torch.equal(model(x), on_the_fly)
     for name, table in rel_tables(model).items():
         grid = ((table.shape[-2] + 1) // 2, (table.shape[-1] + 1) // 2)
         torch.testing.assert_close(table.detach(), resize_rel_pos_table(before[name], grid))
@@ -364,17 +366,21 @@ def test_loading_weights_of_another_variant_is_a_clear_error(tmp_path: Path) -> 
         create_model("coatnet_debug", checkpoint=path, image_size=64)
 
 
-def test_eval_caches_the_gathered_bias_until_the_table_changes() -> None:
+def test_eval_caches_the_gathered_bias_per_grid_until_the_table_changes() -> None:
     bias = RelPosBias(2, (3, 3))
     torch.nn.init.normal_(bias.table)
     with torch.no_grad():
-        first = bias()
-        assert bias() is first
+        first = bias(3, 3)
+        other_grid = bias(5, 4)
+        assert bias(3, 3) is first and bias(5, 4) is other_grid
+        assert other_grid.shape == (2, 20, 20)
         bias.table.add_(1.0)
-        second = bias()
+        second = bias(3, 3)
+        assert bias(5, 4) is not other_grid
     assert second is not first
     torch.testing.assert_close(second, first + 1.0)
-    assert bias().requires_grad  # training gathers afresh, with gradient
+    assert bias(3, 3).requires_grad  # training gathers afresh, with gradient
+    assert bias(5, 4).requires_grad
 
 
 def test_timm_create_model_accepts_timm_kwargs() -> None:
