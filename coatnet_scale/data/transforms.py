@@ -2,9 +2,10 @@
 
 Train: RandomResizedCrop (timm's parameter sampling) -> horizontal flip -> RandAugment (TF's) ->
 uint8 CHW tensor. Eval: resize the shorter side to image_size / crop_pct, center crop. Both decode
-JPEGs in PIL's draft mode when the region to be kept allows: libjpeg then decodes at 1/2, 1/4 or
-1/8 scale directly (DCT scaling), which is several times faster than a full decode followed by a
-downscale, and never goes below the output resolution (no quality loss at the output size).
+JPEGs at reduced size when the region to be kept allows (libjpeg decodes at 1/2, 1/4 or 1/8 scale
+directly, DCT scaling: several times faster than a full decode followed by a downscale, and never
+below the output resolution), and only the region to be kept (`roi_jpeg`: the crop's rows and MCU
+columns; Pillow's draft mode where that decoder was not built).
 
 Only bytes that do not decode are bad data (`UndecodableImage`); any other exception here is a bug
 and propagates.
@@ -30,6 +31,7 @@ from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
+from coatnet_scale.data import roi_jpeg
 from coatnet_scale.data.randaugment import RandAugment
 
 RRC_RATIO = (3 / 4, 4 / 3)
@@ -74,10 +76,11 @@ def open_image(data: bytes) -> Image.Image:
         raise UndecodableImage(f"not an image: {err}") from None
 
 
-def decode_region(img: Image.Image, box: Box, out: int) -> tuple[Image.Image, Box]:
-    """Decode `img` for a crop `box` (in full-image pixels) to be resized to `out` pixels: a JPEG
-    at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the box at least `out` pixels on each
-    side. Returns the RGB image and the box in its pixels.
+def decode_region(data: bytes, img: Image.Image, box: Box, out: int) -> tuple[Image.Image, Box]:
+    """Decode `img` (opened from `data`) for a crop `box` (in full-image pixels) to be resized to
+    `out` pixels: a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the box at least
+    `out` pixels on each side, and only the region the box covers (`roi_jpeg`, where it was
+    built). Returns the RGB image and the box in its pixels.
 
     A scaled decode is 1/s of the image exactly, but libjpeg rounds its pixel count up on each
     axis (500x375 at 1/8 is 63x47 pixels for 62.5x46.875 of image, the last row and column
@@ -86,6 +89,13 @@ def decode_region(img: Image.Image, box: Box, out: int) -> tuple[Image.Image, Bo
     valid images, or shifted them by a fraction of a pixel.)
     """
     width, height = img.size
+    if roi_jpeg.AVAILABLE and img.format == "JPEG" and img.mode in ("RGB", "L"):
+        try:
+            region = roi_jpeg.decode_crop(data, width, height, box, out)
+        except ValueError as err:  # libjpeg's own errors only: the arithmetic is in Python
+            raise UndecodableImage(f"cannot decode the image: {err}") from None
+        if region is not None:
+            return region
     scale = 1.0
     if img.format == "JPEG":  # our arithmetic, outside the handler: its errors are bugs
         box_w, box_h = box[2] - box[0], box[3] - box[1]
@@ -108,7 +118,7 @@ def decode_region(img: Image.Image, box: Box, out: int) -> tuple[Image.Image, Bo
 
 def crop_resize(data: bytes, box: Box, out: int, resample: int) -> Image.Image:
     """The `box` of the encoded image, resized to out x out (decoded at reduced size if it can)."""
-    img, box = decode_region(open_image(data), box, out)
+    img, box = decode_region(data, open_image(data), box, out)
     return img.resize((out, out), resample, box=box, reducing_gap=None)
 
 
@@ -118,7 +128,7 @@ def decode_train(data: bytes, aug: TrainAugment, randaugment=None) -> torch.Tens
     top, left, h, w = RandomResizedCropAndInterpolation.get_params(
         img, (aug.crop_scale_min, 1.0), RRC_RATIO
     )
-    img, box = decode_region(img, (left, top, left + w, top + h), aug.image_size)
+    img, box = decode_region(data, img, (left, top, left + w, top + h), aug.image_size)
     size = (aug.image_size, aug.image_size)
     resample = Image.BICUBIC if aug.interpolation == "bicubic" else Image.BILINEAR
     img = img.resize(size, resample, box=box, reducing_gap=None)
@@ -139,7 +149,7 @@ def eval_box(width: int, height: int, image_size: int, crop_pct: float) -> Box:
 def decode_eval(data: bytes, image_size: int, crop_pct: float) -> torch.Tensor:
     """Encoded image -> uint8 (3, S, S): shorter side to S / crop_pct, then a center crop of S."""
     img = open_image(data)
-    img, box = decode_region(img, eval_box(*img.size, image_size, crop_pct), image_size)
+    img, box = decode_region(data, img, eval_box(*img.size, image_size, crop_pct), image_size)
     img = img.resize((image_size, image_size), Image.BICUBIC, box=box, reducing_gap=None)
     return _to_tensor(img)
 

@@ -1,7 +1,7 @@
-"""The reduced-size (draft) decoder never loses a valid image: over thousands of random image
-sizes (extreme aspect ratios, images smaller than the output), crops and output sizes, every
-decode gives the requested size and matches a full decode + the same crop + resize at >= 30 dB
-PSNR. Errors of our own code propagate; only undecodable bytes are bad data."""
+"""The reduced-size, region-of-interest decoder never loses a valid image: over thousands of
+random image sizes (extreme aspect ratios, images smaller than the output), crops and output
+sizes, every decode gives the requested size and matches a full decode + the same crop + resize
+at >= 30 dB PSNR. Errors of our own code propagate; only undecodable bytes are bad data."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
+from coatnet_scale.data import roi_jpeg
 from coatnet_scale.data.transforms import (
     TrainAugment,
     UndecodableImage,
@@ -131,3 +132,62 @@ def test_only_undecodable_bytes_are_bad_data() -> None:
     # a bug of ours is not bad data: it propagates as what it is
     with pytest.raises(ZeroDivisionError):
         decode_train(good, TrainAugment(32, randaugment_n=0), lambda img: 1 / 0)
+
+
+# ---- region-of-interest decoding -------------------------------------------------------------
+
+
+def test_the_region_decoder_is_built_and_decodes_only_the_crop() -> None:
+    """setup.py builds it against the system libjpeg; without it decoding silently stays with
+    Pillow (slower), so a machine that should have it (this one, CI) fails here instead."""
+    assert roi_jpeg.AVAILABLE, "coatnet_scale/data/_roi_jpeg.c was not built: libjpeg headers?"
+    data = smooth_jpeg(1024, 768, 3)
+    region, box = roi_jpeg.decode_crop(data, 1024, 768, (600.0, 300.0, 900.0, 500.0), 224)
+    # 1/1 scale (the 300x200 crop is < 2x 224): a few hundred columns and rows, not 1024x768
+    assert region.size[0] < 400 and region.size[1] < 300
+    assert box[2] - box[0] == 300 and box[3] - box[1] == 200
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_region_pixels_equal_a_full_decode_at_the_same_scale(
+    subsampling: int, progressive: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside the box and its resize margin the decoded region is the full (draft-scale) decode,
+    pixel for pixel; only a cropped region's first and last column may differ (chroma
+    upsampling lacks its outer neighbour there), which is why the region has a margin."""
+    monkeypatch.setattr(ImageFile, "MAXBLOCK", 1 << 26)  # Pillow's progressive noise needs it
+    rng = random.Random(subsampling * 2 + progressive)
+    for _ in range(20):
+        width, height = rng.randint(40, 900), rng.randint(40, 900)
+        buffer = io.BytesIO()
+        noisy = np.random.default_rng(rng.getrandbits(32)).integers(0, 255, (height, width, 3))
+        Image.fromarray(noisy.astype(np.uint8)).save(
+            buffer, "JPEG", quality=90, subsampling=subsampling, progressive=progressive
+        )
+        data = buffer.getvalue()
+        w, h = rng.uniform(8, width), rng.uniform(8, height)
+        left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        out = rng.choice([16, 64, 224])
+        box = (left, top, left + w, top + h)
+        scale = roi_jpeg.draft_scale(width, height, box, out)
+        region, local = roi_jpeg.decode_crop(data, width, height, box, out)
+        full = Image.open(io.BytesIO(data))
+        if scale > 1:
+            full.draft("RGB", (width // scale, height // scale))
+        full = np.asarray(full.convert("RGB")).astype(int)
+        x_off, y_off = round(box[0] / scale - local[0]), round(box[1] / scale - local[1])
+        got = np.asarray(region).astype(int)[:, 1:-1]
+        expected = full[y_off : y_off + region.size[1], x_off + 1 : x_off + region.size[0] - 1]
+        assert np.array_equal(got, expected), (width, height, box, out, scale)
+
+
+def test_cmyk_and_grayscale_jpegs_decode() -> None:
+    """libjpeg cannot give RGB for CMYK: those fall back to Pillow; grayscale becomes RGB."""
+    for mode in ("CMYK", "L"):
+        buffer = io.BytesIO()
+        Image.new(mode, (300, 200), 90 if mode == "L" else (10, 20, 30, 40)).save(buffer, "JPEG")
+        out = decode_eval(buffer.getvalue(), 64, 0.875)
+        assert out.shape == (3, 64, 64)
+        reference = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").getpixel((150, 100))
+        assert np.abs(out[:, 32, 32].numpy().astype(int) - np.array(reference)).max() <= 2

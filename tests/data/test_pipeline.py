@@ -234,10 +234,12 @@ def test_draft_decoding_keeps_output_size_and_content() -> None:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
     data = buffer.getvalue()
-    img, box = decode_region(open_image(data), (0, 0, 1024, 768), 64)
+    img, box = decode_region(data, open_image(data), (0, 0, 1024, 768), 64)
     assert img.size == (128, 96) and box == (0, 0, 128, 96)  # 1/8-scale DCT decode
-    img, box = decode_region(open_image(data), (0, 0, 200, 200), 64)
-    assert img.size == (512, 384)  # 1/4 would leave the box < 64 px
+    img, box = decode_region(data, open_image(data), (0, 0, 200, 200), 64)
+    assert box == (0, 0, 100, 100)  # 1/2 scale: 1/4 would leave the box < 64 px
+    # only the region (plus the resize's margin, to an MCU boundary) of the 512x384 is decoded
+    assert 100 < img.size[0] <= 128 and 100 < img.size[1] <= 112
     small = decode_eval(data, 64, 1.0)
     full = (
         Image.open(io.BytesIO(data))
