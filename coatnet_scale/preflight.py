@@ -83,9 +83,9 @@ def setup_problems(cfg: Config, world_size: int, on_rank_host: bool = True) -> l
     mixing = cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0
     if mixing and cfg.train.micro_batch_size % 2:
         problems.append(
-            f"train.micro_batch_size={cfg.train.micro_batch_size} is odd: mixup/cutmix pairs each "
-            "micro-batch with its reverse (timm's Mixup needs an even batch); use an even size or "
-            "data.mixup_alpha=0 data.cutmix_alpha=0"
+            f"train.micro_batch_size={cfg.train.micro_batch_size} is odd: mixup/cutmix pairs slot "
+            "2k with slot 2k+1 inside a micro-batch, so odd micro-batches leave samples unmixed; "
+            "use an even size or data.mixup_alpha=0 data.cutmix_alpha=0"
         )
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
         problems.append(f"checkpoint.resume={cfg.checkpoint.resume}: no such file or folder")

@@ -17,10 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from timm.data import Mixup
 
 from coatnet_scale import checkpoint
 from coatnet_scale.checkpoint import Resume, TrainerState, checkpoint_root
@@ -28,13 +26,14 @@ from coatnet_scale.checkpoint.init_from import consolidated_file, initial_state
 from coatnet_scale.checkpoint.layout import CheckpointError
 from coatnet_scale.checkpoint.save import BackgroundSaver
 from coatnet_scale.config import Config, config_hash, dump_yaml, to_dict
+from coatnet_scale.data.batch_augment import BatchAugment, Mixing
 from coatnet_scale.data.pipeline import (
     BatchPlan,
     TrainLoader,
     build_eval_loader,
     build_train_loader,
 )
-from coatnet_scale.data.transforms import Normalizer, build_mixup
+from coatnet_scale.data.transforms import Normalizer
 from coatnet_scale.distributed.collectives import (
     from_rank0,
     gather,
@@ -70,7 +69,7 @@ from coatnet_scale.models.flops import total_macs
 from coatnet_scale.optim import GuardedAdamW, lr_at, set_lr
 from coatnet_scale.plan.hardware import device_peak_flops
 from coatnet_scale.run_folder import run_folder
-from coatnet_scale.seeding import seed_for, seed_weights
+from coatnet_scale.seeding import seed_weights
 from coatnet_scale.stop import STOP_FILE, StopRequest
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -143,22 +142,23 @@ def evaluate(engine, loader, normalizer: Normalizer) -> dict[str, float]:
 
 class MicroBatches:
     """The micro-batches of one optimizer step through the engine: loader batches moved to the
-    rank's device (non-blocking), normalised, mixed (mixup/CutMix seeded by seed, step, rank and
-    micro-batch, so a resumed run mixes the same way), forward, loss, backward, `engine.step()`
+    rank's device (non-blocking), augmented there (flip, RandAugment, mixup/CutMix from each
+    sample's draws: `BatchAugment`) and normalised, forward, loss, backward, `engine.step()`
     (DeepSpeed steps the optimizer at the accumulation boundary)."""
 
-    def __init__(
-        self,
-        engine,
-        loader: TrainLoader,
-        plan: BatchPlan,
-        mixup: Mixup | None,
-        cfg: Config,
-        rank: int,
-    ) -> None:
-        self.engine, self.plan, self.mixup, self.cfg, self.rank = engine, plan, mixup, cfg, rank
+    def __init__(self, engine, loader: TrainLoader, plan: BatchPlan, cfg: Config) -> None:
+        self.engine, self.plan, self.cfg = engine, plan, cfg
         self.batches: Iterator[dict] = iter(loader)
         self.normalizer = Normalizer(engine.device, DTYPES[cfg.precision.dtype])
+        self.augment = BatchAugment(
+            cfg.model.image_size,
+            cfg.data.randaugment_n,
+            cfg.data.randaugment_m,
+            Mixing(cfg.data.mixup_alpha, cfg.data.cutmix_alpha),
+            cfg.model.num_classes,
+            cfg.train.label_smoothing,
+            self.normalizer,
+        )
         # fp32 ZeRO-0: the engine drives our optimizer directly and reports no gradient norm
         self.own_norm = isinstance(engine.optimizer, GuardedAdamW)
 
@@ -170,12 +170,14 @@ class MicroBatches:
             wait_start = time.perf_counter()
             batch = next(self.batches)
             window.data_wait += time.perf_counter() - wait_start
-            images = self.normalizer(batch["image"].to(device, non_blocking=True))
-            targets = batch["label"].to(device, non_blocking=True)
+            images, targets = self.augment(
+                batch["image"].to(device, non_blocking=True),
+                batch["augment"],
+                batch["mix"],
+                batch["slot"],
+                batch["label"].to(device, non_blocking=True),
+            )
             valid = batch["valid"].to(device, non_blocking=True)
-            if self.mixup is not None:
-                np.random.seed(seed_for(train.seed, step, self.rank, micro) % (1 << 32))
-                images, targets = self.mixup(images, targets)
             loss = classification_loss(
                 engine(images), targets, train.loss, train.label_smoothing, valid
             )
@@ -473,13 +475,7 @@ def run_in(
         resume.wandb_run_id,
     )
     announce(logger, cfg, engine, plan, notes, start_step)
-    mixup = build_mixup(
-        cfg.data.mixup_alpha,
-        cfg.data.cutmix_alpha,
-        cfg.train.label_smoothing,
-        cfg.model.num_classes,
-    )
-    micro_batches = MicroBatches(engine, train_loader, plan, mixup, cfg, env.rank)
+    micro_batches = MicroBatches(engine, train_loader, plan, cfg)
     checkpoints = Checkpointing(
         engine, cfg, run_dir, train_loader, guard, stats_ema, logger, env, lease
     )

@@ -57,15 +57,17 @@ def _assemble(
     slots: Sequence[int],
     image_size: int,
     padding: int = 0,
+    draws: list[tuple[list[int], list[float]]] | None = None,
 ) -> dict:
     """Stack decoded samples; bad ones (None) become copies of a good one with valid=False.
 
-    `padding` trailing rows are fillers, not bad samples (evaluation's last batches)."""
+    `padding` trailing rows are fillers, not bad samples (evaluation's last batches). `draws`:
+    each slot's augmentation draws (training), as "augment" and "mix" tensors."""
     good = next((item for item in items if item is not None), None)
     filler = good or ("", torch.zeros(3, image_size, image_size, dtype=torch.uint8), 0)
     valid = torch.tensor([item is not None for item in items])
     rows = [item if item is not None else filler for item in items]
-    return {
+    batch = {
         "image": torch.stack([r[1] for r in rows]),
         "label": torch.tensor([r[2] for r in rows], dtype=torch.long),
         "key": [item[0] if item is not None else "" for item in items],
@@ -74,6 +76,10 @@ def _assemble(
         "bad": int((~valid).sum()) - padding,
         "bad_reasons": bad,
     }
+    if draws is not None:
+        batch["augment"] = torch.tensor([d[0] for d in draws], dtype=torch.long)
+        batch["mix"] = torch.tensor([d[1] for d in draws], dtype=torch.float32)
+    return batch
 
 
 def _read(reader: ShardReader, source: int, index: int, decode) -> tuple[Item | None, str | None]:
@@ -112,25 +118,26 @@ class TrainStream(IterableDataset):
         # sample; `auto` chooses it only up to order.GLOBAL_AUTO_LIMIT samples).
         budget = None if "global" in self.order.orders else INDEX_BUDGET
         reader = ShardReader(self.manifests, budget)
-        randaugment = self.augment.randaugment()
         micro = worker
         while True:
             slots = self.plan.micro_slots(self.start, micro)
-            items, bad = [], []
+            items, bad, draws = [], [], []
             for slot in slots:
-                item, reason = self._sample(reader, slot, randaugment)
+                item, reason, drawn = self._sample(reader, slot)
                 items.append(item)
+                draws.append(drawn)
                 if reason is not None:
                     bad.append(reason)
-            yield _assemble(items, bad, slots, self.augment.image_size)
+            yield _assemble(items, bad, slots, self.augment.image_size, draws=draws)
             micro += workers
 
-    def _sample(
-        self, reader: ShardReader, slot: int, randaugment
-    ) -> tuple[Item | None, str | None]:
+    def _sample(self, reader: ShardReader, slot: int) -> tuple[Item | None, str | None, tuple]:
+        """The slot's crop, and its flip, RandAugment and mixing draws (applied on the device)."""
         source, index = self.order.locate(slot)
-        random.seed(seed_for(self.order.seed, 0xA06, slot))  # crop, flip and RandAugment draws
-        return _read(reader, source, index, lambda b: decode_train(b, self.augment, randaugment))
+        random.seed(seed_for(self.order.seed, 0xA06, slot))
+        item, reason = _read(reader, source, index, lambda b: decode_train(b, self.augment))
+        random.seed(seed_for(self.order.seed, 0xA07, slot))  # whether or not the crop decoded
+        return item, reason, self.augment.draw()
 
 
 def order_key(orders: Sequence[str], window_shards: int) -> str:
@@ -438,6 +445,8 @@ def build_train_loader(cfg: DataConfig, image_size: int, plan: BatchPlan, seed: 
         cfg.randaugment_m,
         hflip=cfg.hflip,
         interpolation=cfg.train_interpolation,
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
     )
     return TrainLoader(
         manifests,

@@ -1,7 +1,9 @@
-"""Decode and augment one sample; mixup/cutmix for a batch.
+"""Decode one sample: the training crop or the evaluation centre crop, as a uint8 tensor.
 
-Train: RandomResizedCrop (timm's parameter sampling) -> horizontal flip -> RandAugment (TF's) ->
-uint8 CHW tensor. Eval: resize the shorter side to image_size / crop_pct, center crop. Both decode
+Train: RandomResizedCrop (timm's parameter sampling) -> uint8 CHW tensor at the output size; the
+flip, RandAugment (TF's) and mixup/CutMix are drawn per sample right after (`batch_augment.draw`)
+and applied to the batch on the training device (`batch_augment.BatchAugment`).
+Eval: resize the shorter side to image_size / crop_pct, center crop. Both decode
 JPEGs at reduced size when the region to be kept allows (libjpeg decodes at 1/2, 1/4 or 1/8 scale
 directly, DCT scaling: several times faster than a full decode followed by a downscale, and never
 below the output resolution), and only the region to be kept (`roi_jpeg`: the crop's rows and MCU
@@ -21,17 +23,16 @@ from __future__ import annotations
 
 import io
 import math
-import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from coatnet_scale.data import roi_jpeg
+from coatnet_scale.data.batch_augment import Mixing, draw
 from coatnet_scale.data.randaugment import RandAugment
 
 RRC_RATIO = (3 / 4, 4 / 3)
@@ -47,12 +48,20 @@ class TrainAugment:
     randaugment_m: int = 15
     hflip: float = 0.5
     interpolation: str = "bilinear"  # or "bicubic": about 2x the resize cost on CPU
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
     def randaugment(self) -> RandAugment | None:
-        """The paper's TF RandAugment at (n, m), the magnitude as configured (randaugment.py)."""
+        """The per-image Pillow RandAugment at (n, m) (randaugment.py): the reference the batched
+        device version is tested against, and the baselines' augmentation in bench/."""
         if self.randaugment_n == 0:
             return None
         return RandAugment(self.randaugment_n, self.randaugment_m, self.image_size)
+
+    def draw(self) -> tuple[list[int], list[float]]:
+        """This sample's flip, RandAugment and mixing draws (global `random`, seeded per slot)."""
+        mixing = Mixing(self.mixup_alpha, self.cutmix_alpha)
+        return draw(self.image_size, self.hflip, self.randaugment_n, mixing)
 
 
 Box = tuple[float, float, float, float]
@@ -122,8 +131,9 @@ def crop_resize(data: bytes, box: Box, out: int, resample: int) -> Image.Image:
     return img.resize((out, out), resample, box=box, reducing_gap=None)
 
 
-def decode_train(data: bytes, aug: TrainAugment, randaugment=None) -> torch.Tensor:
-    """Encoded image -> augmented uint8 (3, S, S) tensor. Uses the global `random` state."""
+def decode_train(data: bytes, aug: TrainAugment) -> torch.Tensor:
+    """Encoded image -> its random-resized crop, uint8 (3, S, S). Draws the crop box from the
+    global `random` state (seeded per slot); only the box's region is decoded."""
     img = open_image(data)
     top, left, h, w = RandomResizedCropAndInterpolation.get_params(
         img, (aug.crop_scale_min, 1.0), RRC_RATIO
@@ -131,12 +141,7 @@ def decode_train(data: bytes, aug: TrainAugment, randaugment=None) -> torch.Tens
     img, box = decode_region(data, img, (left, top, left + w, top + h), aug.image_size)
     size = (aug.image_size, aug.image_size)
     resample = Image.BICUBIC if aug.interpolation == "bicubic" else Image.BILINEAR
-    img = img.resize(size, resample, box=box, reducing_gap=None)
-    if random.random() < aug.hflip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    if randaugment is not None:
-        img = randaugment(img)
-    return _to_tensor(img)
+    return _to_tensor(img.resize(size, resample, box=box, reducing_gap=None))
 
 
 def eval_box(width: int, height: int, image_size: int, crop_pct: float) -> Box:
@@ -177,20 +182,3 @@ class Normalizer:
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One-off `Normalizer` on the images' device (tools and tests; the loop keeps one)."""
     return Normalizer(images.device, dtype)(images)
-
-
-def build_mixup(
-    mixup_alpha: float, cutmix_alpha: float, label_smoothing: float, num_classes: int
-) -> Mixup | None:
-    """timm's Mixup/CutMix with label smoothing; None when both are off.
-
-    It draws from numpy's global RNG: seed it per step (`seed_for(...)`) for a reproducible run.
-    """
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-        return None
-    return Mixup(
-        mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha,
-        label_smoothing=label_smoothing,
-        num_classes=num_classes,
-    )

@@ -23,7 +23,6 @@ from coatnet_scale.data.pipeline import (
 from coatnet_scale.data.shards import Manifest, load_manifest, write_manifest
 from coatnet_scale.data.transforms import (
     TrainAugment,
-    build_mixup,
     decode_eval,
     decode_region,
     normalize,
@@ -36,10 +35,10 @@ AUG = TrainAugment(image_size=16, randaugment_n=2, randaugment_m=9)
 
 
 def loader(
-    manifests, plan, workers=0, seed=0, mode="exact", weights=None, order="window"
+    manifests, plan, workers=0, seed=0, mode="exact", weights=None, order="window", augment=AUG
 ) -> TrainLoader:
     weights = weights or [float(m.total_samples) for m in manifests]
-    return TrainLoader(manifests, weights, seed, mode, plan, AUG, workers, 0.5, order, 2)
+    return TrainLoader(manifests, weights, seed, mode, plan, augment, workers, 0.5, order, 2)
 
 
 ORDERS = pytest.mark.parametrize("order", ["window", "global"])
@@ -251,15 +250,26 @@ def test_draft_decoding_keeps_output_size_and_content() -> None:
     assert (small.float() - reference.float()).abs().mean() < 3.0
 
 
-def test_normalize_and_mixup() -> None:
+def test_normalize() -> None:
     images = torch.full((4, 3, 8, 8), 255, dtype=torch.uint8)
     out = normalize(images)
     assert out.dtype == torch.float32 and out[:, 0].max() == pytest.approx((1 - 0.485) / 0.229)
-    mixup = build_mixup(0.8, 0.0, 0.1, num_classes=5)
-    x, y = mixup(out.clone(), torch.tensor([0, 1, 2, 3]))
-    assert y.shape == (4, 5) and torch.allclose(y.sum(1), torch.ones(4))
-    assert build_mixup(0.0, 0.0, 0.1, 5) is None
     assert jpeg_bytes(0)[:2] == b"\xff\xd8"
+
+
+def test_batches_carry_each_slots_augmentation_draws(uneven) -> None:
+    """Flip, RandAugment and mixing are drawn per slot in the workers and travel with the batch:
+    the same slot has the same draws in any batch, on any rank."""
+    aug = TrainAugment(16, randaugment_n=2, randaugment_m=9, mixup_alpha=0.8)
+    batch = next(iter(loader(uneven, BatchPlan(8, 4, 0, 1), augment=aug)))
+    assert batch["augment"].shape == (4, 1 + 2 * 5) and batch["mix"].shape == (4, 4)
+    other = next(iter(loader(uneven, BatchPlan(8, 4, 1, 2), augment=aug)))  # rank 1 of 2
+    assert torch.equal(other["slot"], batch["slot"] + 4)
+    single = loader(uneven, BatchPlan(8, 8, 0, 1), augment=aug)
+    whole = next(iter(single))
+    assert torch.equal(whole["augment"][:4], batch["augment"])
+    assert torch.equal(whole["augment"][4:], other["augment"])
+    assert torch.equal(whole["mix"][4:], other["mix"])
 
 
 @pytest.mark.parametrize("magnitude", [0, 1, 5, 15, 30])
