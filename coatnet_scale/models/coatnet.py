@@ -42,6 +42,7 @@ from coatnet_scale.models.layers import (
 STAGE_STRIDES = {"stem": 2, "s1": 4, "s2": 8, "s3": 16, "s4": 32}
 INPUT_MULTIPLE = 32  # input height and width: every stage halves the grid by 2x2 pooling
 EXPORT_WEIGHTS = "model.safetensors"  # the weights file of an export folder
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP and torch.compile wrappers
 CLASSIFIER = "head"  # the classifier head's module name (initialised as a classifier)
 # State-dict names this code wrote before the head became timm's NormMlpClassifierHead.
 LEGACY_KEYS = {"head.pre_logits.0.": "head.pre_logits.fc."}
@@ -183,13 +184,14 @@ class CoAtNet(nn.Module):
         no call: the tables are resized on the fly."""
         if image_size < INPUT_MULTIPLE or image_size % INPUT_MULTIPLE:
             raise ValueError(f"image size must be a positive multiple of 32, got {image_size}")
-        for name, stage in zip(STAGE_NAMES[1:], self.stages, strict=True):
+        for name, stage in zip(STAGE_NAMES[1:], self.stages, strict=False):  # pruned: fewer
             grid = grid_after(image_size, STAGE_STRIDES[name])
             for module in stage.modules():
                 if isinstance(module, RelPosBias):
                     module.set_grid(grid)
         self.image_size = image_size
         self.cfg = dataclasses.replace(self.cfg, image_size=image_size)
+        record_input_size(self)
 
     # ---- what the trainer reads --------------------------------------------------------------
 
@@ -244,6 +246,11 @@ class CoAtNet(nn.Module):
         map, through the head's norm and pre-logits applied per position (timm's head)."""
         if global_pool not in (None, "", "avg"):
             raise ValueError(f"CoAtNet pools by global average or not at all, not {global_pool!r}")
+        if global_pool == "" and num_classes > 0 and self.cfg.head == "gap_fc":
+            raise ValueError(
+                "an unpooled classifier needs the pre-logits head (model.head="
+                "gap_ln_prelogits_fc, whose layers become 1x1 convolutions); use num_classes=0"
+            )
         self.num_classes = num_classes
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
         self.head.reset(num_classes, global_pool)
@@ -255,7 +262,7 @@ class CoAtNet(nn.Module):
     def _units(self) -> Iterator[tuple[str, nn.Module]]:
         """(stage name, block) in forward order: the checkpoint units."""
         yield "stem", self.stem
-        for name, stage in zip(STAGE_NAMES[1:], self.stages, strict=True):
+        for name, stage in zip(STAGE_NAMES[1:], self.stages, strict=False):  # pruned: fewer
             for block in stage:
                 yield name, block
 
@@ -336,9 +343,11 @@ class CoAtNet(nn.Module):
         self.stages = self.stages[:max_index]
         self.feature_info = self.feature_info[: max_index + 1]
         if max_index < len(STAGE_NAMES) - 1 or prune_head:
-            self.num_features = self.feature_info[-1]["num_chs"]
-            self.head = nn.Identity()
-            self.num_classes = self.head_hidden_size = 0
+            # no classifier, no pooling; the head's norm and pre-logits go too (sized for S4)
+            self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
+            self.num_classes = 0
+            self.head = classifier_head(self.num_features, 0, prelogits=False)
+            self.head.reset(0, "")
         return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -346,6 +355,18 @@ class CoAtNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def record_input_size(model: CoAtNet) -> None:
+    """Keep timm's `pretrained_cfg` (what timm's data config reads) at the model's built size."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg:
+        side = model.image_size
+        model.pretrained_cfg = model.default_cfg = {
+            **cfg,
+            "input_size": (cfg["input_size"][0], side, side),
+            "pool_size": (side // 32, side // 32),
+        }
 
 
 def is_classifier(module_name: str) -> bool:
@@ -392,7 +413,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CoAtNet)
             state_dict = state_dict[nested]
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for key, value in clean_state_dict(dict(state_dict)).items():
+    state_dict = dict(state_dict)
+    while any(k.startswith(WRAPPER_PREFIXES) for k in state_dict):  # module.module. too
+        state_dict = clean_state_dict(state_dict)
+    for key, value in state_dict.items():
         for old, new in LEGACY_KEYS.items():
             if key.startswith(old):
                 key = new + key[len(old) :]

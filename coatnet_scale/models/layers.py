@@ -229,36 +229,27 @@ class RelPosBias(nn.Module):
     `forward(height, width)` gathers the (heads, HW, HW) bias added to the attention logits before
     the softmax, for any grid: the table is kept at the size the model was built for and resized
     bilinearly (`resize_rel_pos_table`, as a checkpoint loaded at another resolution) when the
-    input's grid differs, so one model runs at any input size. The index is cached per grid;
-    under torch.no_grad (evaluation) the gathered bias is cached per grid until the table changes.
+    input's grid differs, so one model runs at any input size. What depends only on the grid, the
+    gather index, is cached per grid (`relative_position_index`). The resized table and the
+    gathered bias are recomputed each call (a small interpolation and one gather, against the
+    attention's B x heads x T x T): a cache keyed on the table's storage and version missed writes
+    through `.data` (the EMA evaluation swaps weights that way), and one per grid grew without
+    bound across evaluation sizes.
     """
 
     def __init__(self, num_heads: int, grid: tuple[int, int]) -> None:
         super().__init__()
         self.grid = grid
         self.table = nn.Parameter(torch.empty(num_heads, 2 * grid[0] - 1, 2 * grid[1] - 1))
-        self._cache: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}
 
     def set_grid(self, grid: tuple[int, int]) -> None:
         """Change the built grid, resizing the table bilinearly (fine-tuning at 384/512)."""
         with torch.no_grad():
             self.table = nn.Parameter(resize_rel_pos_table(self.table.data, grid))
         self.grid = grid
-        self._cache = {}
 
     def forward(self, height: int, width: int) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return _gather_bias(self.table, height, width)
-        if torch.is_grad_enabled():
-            self._cache = {}
-            return _gather_bias(self.table, height, width)
-        key = (self.table.data_ptr(), self.table._version)
-        cached = self._cache.get((height, width))
-        if cached is not None and cached[:2] == key:
-            return cached[2]
-        bias = _gather_bias(self.table, height, width)
-        self._cache[(height, width)] = (*key, bias)
-        return bias
+        return _gather_bias(self.table, height, width)
 
 
 def _gather_bias(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -428,7 +419,6 @@ def init_module_(module: nn.Module, classifier: bool = False) -> None:
             module.reset_running_stats()
     elif isinstance(module, RelPosBias):
         _drawn_in_fp32_(module.table, lambda t: nn.init.trunc_normal_(t, std=0.02))
-        module._cache = {}
     if isinstance(module, nn.Linear | nn.Conv2d) and module.bias is not None:
         nn.init.zeros_(module.bias)
 

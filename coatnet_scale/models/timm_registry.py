@@ -17,7 +17,12 @@ from typing import Any
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from coatnet_scale.models.coatnet import CoAtNet, build_model, checkpoint_filter_fn
+from coatnet_scale.models.coatnet import (
+    CoAtNet,
+    build_model,
+    checkpoint_filter_fn,
+    record_input_size,
+)
 from coatnet_scale.models.config import ARCHS, ModelConfig
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -69,7 +74,7 @@ def _from_timm_kwargs(**kwargs: Any) -> CoAtNet:
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> CoAtNet:
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         _from_timm_kwargs,
         variant,
         pretrained,
@@ -80,6 +85,9 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> CoAtNet:
         name=variant,
         **kwargs,
     )
+    if isinstance(model, CoAtNet):  # not the features_only wrapper
+        record_input_size(model)  # built at img_size=384: timm's data config says 384
+    return model
 
 
 @register_model

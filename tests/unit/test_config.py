@@ -113,6 +113,8 @@ def test_overrides_parse_every_field_type() -> None:
         ("zero.stage=4", "zero.stage", "0, 1, 2, 3"),
         ("model.image_size=100", "model.image_size", "multiple of 32"),
         ("model.c6_s4_width=3072", "model.c6_s4_width", "coatnet6 only"),
+        ("model.num_classes=0", "model.num_classes", "training needs a classifier"),
+        ("model.num_classes=-1", "model.num_classes", ">= 0"),
         ("zero.offload_params=cpu", "zero.offload_params", "stage=3"),
         ("optim.betas=[0.9]", "optim.betas", "two values"),
         ("activation_checkpointing.policy=stages", "activation_checkpointing.stages", "at least"),

@@ -82,10 +82,9 @@ def only_output(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_forward_with_and_without_activation_checkpointing(name: str) -> None:
     model = timm.create_model(name).eval()
     x = torch.randn(1, *input_size(model, TARGET_FORWARD))
-    with torch.no_grad():
-        out = model(x)
-        model.set_grad_checkpointing()
-        again = model(x)
+    out = model(x)  # with gradients, as timm's test: checkpointing acts only then
+    model.set_grad_checkpointing()
+    again = model(x)
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
     torch.testing.assert_close(again, out, rtol=1e-4, atol=1e-5)
 
@@ -185,8 +184,8 @@ def test_forward_intermediates_are_the_stage_maps(name: str) -> None:
         torch.testing.assert_close(maps[-1], final)
         last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
         assert [m.shape for m in last_two] == [m.shape for m in maps[-2:]]
-        model.set_grad_checkpointing()
-        again, _ = model.forward_intermediates(x)
+    model.set_grad_checkpointing()
+    again, _ = model.forward_intermediates(x)  # with gradients: checkpointing acts
     torch.testing.assert_close(again, final, rtol=1e-4, atol=1e-5)
 
 
@@ -223,21 +222,21 @@ def test_torchscript_matches_eager(name: str) -> None:
     scripted = torch.jit.script(model)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
-        # a size the model was not built for runs scripted too
-        other = torch.randn(1, 3, 64, 96)
-        torch.testing.assert_close(scripted(other), model(other))
+        # the built size (timm tests its fixed-size CoAtNets there) and one not built for
+        for other in (torch.randn(1, 3, 224, 224), torch.randn(1, 3, 64, 96)):
+            torch.testing.assert_close(scripted(other), model(other))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_fx_forward_equals_eager(name: str) -> None:
     model = timm.create_model(name).eval()
     x = torch.randn(1, *input_size(model, TARGET_FX))
+    traced = fx_model(model)
     with torch.inference_mode():
-        expected = model(x)
-        assert torch.equal(only_output(fx_model(model)(x)), expected)
-        # the traced graph is not specialised to the traced size
-        other = torch.randn(1, 3, 96, 64)
-        assert torch.equal(only_output(fx_model(model)(other)), model(other))
+        assert torch.equal(only_output(traced(x)), model(x))
+        # one trace runs at other sizes too: the graph is not specialised to the traced one
+        for other in (torch.randn(1, 3, 96, 64), torch.randn(1, 3, 224, 160)):
+            assert torch.equal(only_output(traced(other)), model(other))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -245,11 +244,14 @@ def test_fx_backward_reaches_every_parameter(name: str) -> None:
     model = timm.create_model(name, num_classes=42).train()
     count = sum(p.numel() for p in model.parameters())
     traced = fx_model(model, train=True)
-    out = only_output(traced(torch.randn(2, *input_size(model, TARGET_FX))))
-    out.mean().backward()
-    missing = [n for n, p in traced.named_parameters() if p.grad is None]
-    assert not missing and sum(p.grad.numel() for p in traced.parameters()) == count
-    assert out.shape == (2, 42) and torch.isfinite(out).all()
+    sizes = [input_size(model, TARGET_FX)] + ([(3, 224, 224)] if name == "coatnet_debug" else [])
+    for size in sizes:
+        traced.zero_grad(set_to_none=True)
+        out = only_output(traced(torch.randn(2, *size)))
+        out.mean().backward()
+        missing = [n for n, p in traced.named_parameters() if p.grad is None]
+        assert not missing and sum(p.grad.numel() for p in traced.parameters()) == count
+        assert out.shape == (2, 42) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -315,7 +317,7 @@ def test_an_export_loads_in_one_line_of_timm(
     trained = create_model("coatnet_debug", image_size=image_size, num_classes=num_classes)
     trained.eval()
     out = tmp_path / "export"
-    previous = os.umask(0o022)  # a cluster's usual umask; the writer must not narrow it
+    previous = os.umask(0o077)  # a private umask: an export is still meant to be shared
     try:
         write_export_folder(trained.state_dict(), trained.cfg, out, {"step": 7})
     finally:
@@ -424,6 +426,49 @@ def test_wrapper_prefixes_are_stripped_in_any_order() -> None:
 
     model = create_model("coatnet_debug", image_size=32, num_classes=3, device="meta")
     state = model.state_dict()
-    for prefix in ("module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."):
+    prefixes = ("module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod.", "module.module.")
+    for prefix in prefixes:
         filtered = checkpoint_filter_fn({prefix + k: v for k, v in state.items()}, model)
         assert set(filtered) == set(state)
+
+
+# ---- consistency after pruning and resizing ----------------------------------------------------
+
+
+def test_a_pruned_model_stays_usable() -> None:
+    model = timm.create_model("coatnet_debug", features_only=True, out_indices=(1, 2)).model
+    x = torch.randn(1, 3, 64, 64)
+    features = model.forward_features(x)
+    assert features.shape == (1, model.num_features, 8, 8) and model.num_classes == 0
+    assert model.forward_head(features, pre_logits=True).shape == features.shape  # no pooling
+    model.set_input_size(96)  # only the stages left
+    assert [n for n, _ in model._units()][-1] == "s2"
+
+
+def test_an_unpooled_classifier_needs_the_prelogits_head() -> None:
+    with pytest.raises(ValueError, match="pre-logits head"):
+        timm.create_model("coatnet_debug", head="gap_fc").reset_classifier(5, "")
+    model = timm.create_model("coatnet_debug").eval()
+    model.reset_classifier(5, "")
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5, 2, 2)
+
+
+def test_timms_data_config_follows_the_built_size() -> None:
+    model = timm.create_model("coatnet_debug", img_size=96)
+    assert timm.data.resolve_data_config(model=model)["input_size"] == (3, 96, 96)
+    model.set_input_size(128)
+    assert model.pretrained_cfg["input_size"] == (3, 128, 128)
+    assert tuple(model.pretrained_cfg["pool_size"]) == (4, 4)
+
+
+def test_universal_checkpoints_with_the_old_head_names_get_todays(tmp_path: Path) -> None:
+    from coatnet_scale.checkpoint.resume import rename_legacy_parameter_folders
+
+    zero = tmp_path / "zero"
+    for name in ("head.pre_logits.0.weight", "head.pre_logits.0.bias", "head.fc.weight"):
+        (zero / name).mkdir(parents=True)
+        (zero / name / "fp32.pt").write_text(name)
+    rename_legacy_parameter_folders(tmp_path)
+    names = sorted(p.name for p in zero.iterdir())
+    assert names == ["head.fc.weight", "head.pre_logits.fc.bias", "head.pre_logits.fc.weight"]
+    assert (zero / "head.pre_logits.fc.bias" / "fp32.pt").read_text() == "head.pre_logits.0.bias"
