@@ -615,6 +615,60 @@ def planner_check(rehearsal: bool) -> dict[str, Any]:
     return {"model": model, "image_size": size, "batch": batch, "policies": rows}
 
 
+def device_pipeline(rehearsal: bool) -> dict[str, Any]:
+    """Images/s of the device half of the input pipeline (`data.decode=gpu`): nvJPEG decode,
+    crop and resize to 224, flip, RandAugment 2/15, mixup/CutMix, normalisation, on batches of 64
+    photo-like 500x375 JPEGs (their windows drawn as the workers draw them)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from bench.data_pipeline import photo_like
+    from coatnet_scale.data import gpu_decode
+    from coatnet_scale.data.batch_augment import BatchAugment, Mixing
+    from coatnet_scale.data.pipeline import _assemble
+    from coatnet_scale.data.transforms import Normalizer, TrainAugment, crop_for_device
+
+    device = torch.device("cpu" if rehearsal else "cuda")
+    size, count, batch_size = (64, 32, 16) if rehearsal else (224, 256, 64)
+    aug = TrainAugment(size, randaugment_n=2, randaugment_m=15, mixup_alpha=0.8, cutmix_alpha=1.0)
+    rng = np.random.default_rng(0)
+    datas = [photo_like(rng) for _ in range(count)]
+    batches = []
+    for start in range(0, count, batch_size):
+        items, draws = [], []
+        for slot in range(start, start + batch_size):
+            random.seed(slot)
+            items.append((str(slot), crop_for_device(datas[slot], aug), 0))
+            draws.append(aug.draw())
+        slots = range(start, start + batch_size)
+        batches.append(_assemble(items, [], slots, size, draws=draws))
+    augment = BatchAugment(size, 2, 15, Mixing(0.8, 1.0), 1000, 0.1, Normalizer(device))
+
+    def one_pass() -> None:
+        for batch in batches:
+            images, _ = gpu_decode.decode_batch(batch, device)
+            labels = batch["label"].to(device)
+            augment(images, batch["augment"], batch["mix"], batch["slot"], labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    one_pass()  # warm-up
+    start = time.perf_counter()
+    passes = 1 if rehearsal else 3
+    for _ in range(passes):
+        one_pass()
+    seconds = (time.perf_counter() - start) / passes
+    return {
+        "device": str(device),
+        "images": count,
+        "batch": batch_size,
+        "images_per_s": round(count / seconds, 1),
+        "note": "device half only: the workers' shard reads and window draws are not included",
+    }
+
+
 # ---- the sequence -----------------------------------------------------------------------------
 
 
@@ -723,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.run("model step bf16 (ours vs timm)", lambda: model_step(rehearsal))
     report.run("planner --check bf16", lambda: planner_check(rehearsal))
+    report.run("input pipeline on the device (nvJPEG)", lambda: device_pipeline(rehearsal))
     report.run("tests marked cuda", lambda: cuda_tests(rehearsal))
 
     if ranks < 2:

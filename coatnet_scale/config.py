@@ -64,6 +64,9 @@ class DataConfig:
         "bilinear", "resampling of the training crop (bicubic costs about 2x on CPU)"
     )
     eval_crop_pct: float = option(0.875, "center-crop fraction for evaluation")
+    decode: Literal["auto", "cpu", "gpu"] = option(
+        "auto", "train JPEG decode: on loader workers (cpu) or the GPU (nvJPEG); auto: GPU on CUDA"
+    )
     max_bad_fraction: float = option(0.01, "stop when more than this share of samples is bad")
 
     def validate(self) -> None:

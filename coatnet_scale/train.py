@@ -26,6 +26,7 @@ from coatnet_scale.checkpoint.init_from import consolidated_file, initial_state
 from coatnet_scale.checkpoint.layout import CheckpointError
 from coatnet_scale.checkpoint.save import BackgroundSaver
 from coatnet_scale.config import Config, config_hash, dump_yaml, to_dict
+from coatnet_scale.data import gpu_decode
 from coatnet_scale.data.batch_augment import BatchAugment, Mixing
 from coatnet_scale.data.pipeline import (
     BatchPlan,
@@ -170,14 +171,14 @@ class MicroBatches:
             wait_start = time.perf_counter()
             batch = next(self.batches)
             window.data_wait += time.perf_counter() - wait_start
+            crops, valid = gpu_decode.decode_batch(batch, device)
             images, targets = self.augment(
-                batch["image"].to(device, non_blocking=True),
+                crops,
                 batch["augment"],
                 batch["mix"],
                 batch["slot"],
                 batch["label"].to(device, non_blocking=True),
             )
-            valid = batch["valid"].to(device, non_blocking=True)
             loss = classification_loss(
                 engine(images), targets, train.loss, train.label_smoothing, valid
             )
@@ -449,7 +450,10 @@ def run_in(
     plan = BatchPlan(
         cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size
     )
-    train_loader = build_train_loader(cfg.data, cfg.model.image_size, plan, cfg.train.seed)
+    device_decode = gpu_decode.resolve(cfg.data.decode, binding.device)
+    train_loader = build_train_loader(
+        cfg.data, cfg.model.image_size, plan, cfg.train.seed, device_decode
+    )
     eval_loader = None
     if cfg.data.val_shards:
         eval_loader = build_eval_loader(

@@ -288,8 +288,8 @@ class BatchAugment:
         synchronisation); `labels` (B,) on the device."""
         device = images.device
         x = images.to(torch.float32)
-        flip = params[:, 0].bool().to(device, non_blocking=True)
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        flipped = torch.nonzero(params[:, 0]).flatten().to(device, non_blocking=True)
+        x[flipped] = x[flipped].flip(-1)
         for layer in range(self.layers):
             fields = params[:, 1 + layer * LAYER_FIELDS : 1 + (layer + 1) * LAYER_FIELDS]
             op, applied, sign, centres = fields[:, 0], fields[:, 1], fields[:, 2], fields[:, 3:5]
@@ -338,10 +338,17 @@ class BatchAugment:
         cols = torch.arange(w).view(1, 1, w)
         inside = (rows >= y0.view(-1, 1, 1)) & (rows < y1.view(-1, 1, 1))
         inside = inside & (cols >= x0.view(-1, 1, 1)) & (cols < x1.view(-1, 1, 1))
-        is_cutmix = (use_cutmix & present).to(device).view(-1, 1, 1, 1)
+        # Only the samples that mix are touched: CutMix pastes the box, mixup blends.
+        pasting = torch.nonzero(use_cutmix & present).flatten()
+        blending = torch.nonzero(~use_cutmix & present).flatten()
+        mixed = x.clone()
+        if len(pasting):
+            source = x[partner[pasting].to(device)]
+            box = inside[pasting].to(device)[:, None]
+            mixed[pasting.to(device)] = torch.where(box, source, x[pasting.to(device)])
+        if len(blending):
+            weight = lam[blending].to(device).view(-1, 1, 1, 1)
+            here, there = blending.to(device), partner[blending].to(device)
+            mixed[here] = weight * x[here] + (1 - weight) * x[there]
         partner, lam = partner.to(device), lam.to(device)
-        other = x[partner]
-        weight = lam.view(-1, 1, 1, 1)
-        pasted = torch.where(inside.to(device)[:, None], other, x)
-        mixed = torch.where(is_cutmix, pasted, weight * x + (1 - weight) * other)
         return mixed, lam.view(-1, 1) * targets + (1 - lam.view(-1, 1)) * targets[partner]

@@ -34,7 +34,13 @@ from coatnet_scale.data.reader import (
     sample_shard_labels,
 )
 from coatnet_scale.data.shards import Manifest, resolve_shards
-from coatnet_scale.data.transforms import TrainAugment, decode_eval, decode_train
+from coatnet_scale.data.transforms import (
+    EncodedCrop,
+    TrainAugment,
+    crop_for_device,
+    decode_eval,
+    decode_train,
+)
 from coatnet_scale.seeding import seed_for
 from coatnet_scale.stop import STOP_SIGNALS
 
@@ -67,8 +73,11 @@ def _assemble(
     filler = good or ("", torch.zeros(3, image_size, image_size, dtype=torch.uint8), 0)
     valid = torch.tensor([item is not None for item in items])
     rows = [item if item is not None else filler for item in items]
+    # data.decode=gpu: JPEGs stay encoded; their rows are filled on the device (device_decode)
+    encoded = [(i, r[1]) for i, r in enumerate(rows) if isinstance(r[1], EncodedCrop)]
+    blank = torch.zeros(3, image_size, image_size, dtype=torch.uint8)
     batch = {
-        "image": torch.stack([r[1] for r in rows]),
+        "image": torch.stack([blank if isinstance(r[1], EncodedCrop) else r[1] for r in rows]),
         "label": torch.tensor([r[2] for r in rows], dtype=torch.long),
         "key": [item[0] if item is not None else "" for item in items],
         "slot": torch.tensor(list(slots), dtype=torch.long),
@@ -76,6 +85,8 @@ def _assemble(
         "bad": int((~valid).sum()) - padding,
         "bad_reasons": bad,
     }
+    if encoded:
+        batch["encoded"] = encoded
     if draws is not None:
         batch["augment"] = torch.tensor([d[0] for d in draws], dtype=torch.long)
         batch["mix"] = torch.tensor([d[1] for d in draws], dtype=torch.float32)
@@ -106,10 +117,11 @@ class TrainStream(IterableDataset):
         plan: BatchPlan,
         start: int,
         augment: TrainAugment,
+        device_decode: bool = False,
     ) -> None:
         super().__init__()
         self.manifests, self.order, self.plan, self.start = list(manifests), order, plan, start
-        self.augment = augment
+        self.augment, self.device_decode = augment, device_decode
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -135,7 +147,8 @@ class TrainStream(IterableDataset):
         """The slot's crop, and its flip, RandAugment and mixing draws (applied on the device)."""
         source, index = self.order.locate(slot)
         random.seed(seed_for(self.order.seed, 0xA06, slot))
-        item, reason = _read(reader, source, index, lambda b: decode_train(b, self.augment))
+        crop = crop_for_device if self.device_decode else decode_train
+        item, reason = _read(reader, source, index, lambda b: crop(b, self.augment))
         random.seed(seed_for(self.order.seed, 0xA07, slot))  # whether or not the crop decoded
         return item, reason, self.augment.draw()
 
@@ -170,8 +183,10 @@ class TrainLoader:
         max_bad_fraction: float,
         order: str = "auto",
         window_shards: int = 8,
+        device_decode: bool = False,
     ) -> None:
         self.manifests, self.plan, self.seed, self.mode = list(manifests), plan, seed, mode
+        self.device_decode = device_decode  # JPEGs decoded on the training device (gpu_decode)
         self.augment, self.num_workers = augment, num_workers
         self.max_bad_fraction = max_bad_fraction
         self.requested_order, self.window_shards = order, window_shards
@@ -270,7 +285,9 @@ class TrainLoader:
         self.micro_batches_consumed = 0
 
     def __iter__(self) -> Iterator[dict]:
-        stream = TrainStream(self.manifests, self.order, self.plan, self.start, self.augment)
+        stream = TrainStream(
+            self.manifests, self.order, self.plan, self.start, self.augment, self.device_decode
+        )
         loader = DataLoader(
             stream,
             batch_size=None,
@@ -434,8 +451,11 @@ def load_sources(specs: Sequence[str]) -> list[Manifest]:
     return [resolve_shards(spec) for spec in specs]
 
 
-def build_train_loader(cfg: DataConfig, image_size: int, plan: BatchPlan, seed: int) -> TrainLoader:
-    """The training loader of the `data` config section for this rank."""
+def build_train_loader(
+    cfg: DataConfig, image_size: int, plan: BatchPlan, seed: int, device_decode: bool = False
+) -> TrainLoader:
+    """The training loader of the `data` config section for this rank; `device_decode`: JPEGs
+    reach the training loop encoded, with their crop window (`data.decode`, `gpu_decode.py`)."""
     manifests = load_sources(cfg.train_shards)
     weights = cfg.train_weights or tuple(float(m.total_samples) for m in manifests)
     augment = TrainAugment(
@@ -459,6 +479,7 @@ def build_train_loader(cfg: DataConfig, image_size: int, plan: BatchPlan, seed: 
         cfg.max_bad_fraction,
         cfg.order,
         cfg.window_shards,
+        device_decode,
     )
 
 

@@ -131,17 +131,40 @@ def crop_resize(data: bytes, box: Box, out: int, resample: int) -> Image.Image:
     return img.resize((out, out), resample, box=box, reducing_gap=None)
 
 
+def train_box(img: Image.Image, aug: TrainAugment) -> Box:
+    """The RandomResizedCrop window of an image (timm's parameter sampling, global `random`)."""
+    top, left, h, w = RandomResizedCropAndInterpolation.get_params(
+        img, (aug.crop_scale_min, 1.0), RRC_RATIO
+    )
+    return left, top, left + w, top + h
+
+
 def decode_train(data: bytes, aug: TrainAugment) -> torch.Tensor:
     """Encoded image -> its random-resized crop, uint8 (3, S, S). Draws the crop box from the
     global `random` state (seeded per slot); only the box's region is decoded."""
     img = open_image(data)
-    top, left, h, w = RandomResizedCropAndInterpolation.get_params(
-        img, (aug.crop_scale_min, 1.0), RRC_RATIO
-    )
-    img, box = decode_region(data, img, (left, top, left + w, top + h), aug.image_size)
+    img, box = decode_region(data, img, train_box(img, aug), aug.image_size)
     size = (aug.image_size, aug.image_size)
     resample = Image.BICUBIC if aug.interpolation == "bicubic" else Image.BILINEAR
     return _to_tensor(img.resize(size, resample, box=box, reducing_gap=None))
+
+
+@dataclass(frozen=True)
+class EncodedCrop:
+    """A training sample left encoded, for the device to decode (`data.decode=gpu`): the JPEG's
+    bytes and its crop window, drawn exactly as `decode_train` draws it for the same slot."""
+
+    data: bytes
+    box: Box
+
+
+def crop_for_device(data: bytes, aug: TrainAugment) -> EncodedCrop | torch.Tensor:
+    """A baseline or colour JPEG stays encoded with its window (`EncodedCrop`); anything else
+    (PNG, CMYK JPEG, which the device decoder does not take) is decoded here as usual."""
+    img = open_image(data)
+    if img.format == "JPEG" and img.mode in ("RGB", "L"):
+        return EncodedCrop(data, train_box(img, aug))
+    return decode_train(data, aug)
 
 
 def eval_box(width: int, height: int, image_size: int, crop_pct: float) -> Box:

@@ -32,6 +32,7 @@ from coatnet_scale.plan import (
     plan,
     recommend,
 )
+from coatnet_scale.plan.input import input_line
 
 STAGE_COLUMNS = ("stem", "s1", "s2", "s3", "s4")
 
@@ -58,6 +59,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=15, help="rows to print (0: all)")
     p.add_argument("--emit", type=Path, help="write the recommended configuration as YAML overlay")
     p.add_argument("--check", type=int, metavar="B", help="measure peaks at micro-batch B here")
+    p.add_argument(
+        "--images-per-core",
+        type=float,
+        help="input pipeline img/s per CPU core with data.decode=cpu (bench/data_pipeline.py)",
+    )
     return p.parse_args(argv)
 
 
@@ -157,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> Candidate | None:
         f"{best.memory_bytes / GIB:.1f} GiB per GPU, {best.images_per_s:.0f} img/s per GPU, "
         f"MFU {best.mfu:.0%}, limited by {best.time.bound}"
     )
+    print(input_line(best.images_per_s, args.images_per_core))
     if args.emit:
         text = yaml.safe_dump(overlay(best, model, args.global_batch, args.dtype), sort_keys=False)
         args.emit.write_text(

@@ -1,0 +1,89 @@
+"""The device-decode path (`data.decode=gpu`): the workers hand over each JPEG encoded with the
+crop window the CPU path would have drawn for the same slot; the device decodes, crops and
+resizes. Same order, slot seeds, windows and draws as the CPU path; pixels within resampling
+differences. The path runs on the CPU here (torchvision decodes there too); on CUDA (nvJPEG)
+in the `cuda` test, which skips with the reason elsewhere and runs in `make gpu-check`."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from coatnet_scale.data import gpu_decode
+from coatnet_scale.data.pipeline import BatchPlan, TrainLoader
+from coatnet_scale.data.shards import load_manifest
+from coatnet_scale.data.transforms import TrainAugment
+from data_tools.make_shards import make_shards
+from tests.data.test_decode import psnr, smooth_jpeg
+
+AUG = TrainAugment(64, crop_scale_min=0.3, randaugment_n=2, randaugment_m=9, mixup_alpha=0.8)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_decode")
+    items = []
+    for i in range(24):
+        path = tmp / "images" / f"{i:03d}.{'png' if i == 5 else 'jpg'}"
+        path.parent.mkdir(exist_ok=True)
+        if i == 5:  # a PNG: decoded on the worker even on the device path
+            Image.open(io.BytesIO(smooth_jpeg(120, 90, i))).save(path)
+        else:
+            path.write_bytes(smooth_jpeg(160 + 8 * i, 120 + 4 * i, i))
+        items.append((str(path), i % 3))
+    _, path = make_shards(items, ["a", "b", "c"], tmp / "shards", "train", 8, progress=False)
+    return load_manifest(path)
+
+
+def batches(manifest, device_decode: bool, steps: int = 2) -> list[dict]:
+    plan = BatchPlan(8, 8, 0, 1)
+    loader = TrainLoader(
+        [manifest], [1.0], 0, "exact", plan, AUG, 0, 0.5, "window", 2, device_decode
+    )
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == steps:
+            return out
+    return out
+
+
+def check_against_the_cpu_path(manifest, device: torch.device) -> None:
+    for cpu, dev in zip(batches(manifest, False), batches(manifest, True), strict=True):
+        assert cpu["key"] == dev["key"] and torch.equal(cpu["slot"], dev["slot"])
+        assert torch.equal(cpu["label"], dev["label"])
+        assert torch.equal(cpu["augment"], dev["augment"]) and torch.equal(cpu["mix"], dev["mix"])
+        assert len(dev["encoded"]) == 8 - sum(k.endswith("005") for k in dev["key"])
+        images, valid = gpu_decode.decode_batch(dev, device)
+        assert images.device.type == device.type and bool(valid.all())
+        for a, b in zip(cpu["image"], images.cpu(), strict=True):
+            assert psnr(a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy()) >= 30.0
+
+
+def test_the_device_path_keeps_the_cpu_paths_samples_windows_and_draws(manifest) -> None:
+    check_against_the_cpu_path(manifest, torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_nvjpeg_decodes_the_same_crops_on_cuda(manifest) -> None:
+    check_against_the_cpu_path(manifest, torch.device("cuda"))
+
+
+def test_bytes_the_device_cannot_decode_are_bad_samples(manifest) -> None:
+    batch = batches(manifest, True, steps=1)[0]
+    row, crop = batch["encoded"][2]
+    batch["encoded"][2] = (row, type(crop)(crop.data[: len(crop.data) // 3], crop.box))
+    images, valid = gpu_decode.decode_batch(batch, torch.device("cpu"))
+    assert not valid[row] and int(valid.sum()) == 7
+    assert any(torch.equal(images[row], images[i]) for i in range(8) if i != row)
+
+
+def test_auto_decodes_on_cuda_devices_only() -> None:
+    assert gpu_decode.resolve("auto", torch.device("cuda", 0))
+    assert not gpu_decode.resolve("auto", torch.device("cpu"))
+    assert not gpu_decode.resolve("cpu", torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        gpu_decode.resolve("gpu", torch.device("cpu"))
