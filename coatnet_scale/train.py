@@ -450,7 +450,7 @@ def run_in(
     plan = BatchPlan(
         cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size
     )
-    device_decode = gpu_decode.resolve(cfg.data.decode, binding.device)
+    device_decode = gpu_decode.resolve(cfg.data.decode, binding.device, notes.append)
     train_loader = build_train_loader(
         cfg.data, cfg.model.image_size, plan, cfg.train.seed, device_decode
     )

@@ -25,11 +25,37 @@ from torchvision.transforms.v2 import functional as TF
 from coatnet_scale.data.transforms import EncodedCrop
 
 
-def resolve(choice: str, device: torch.device) -> bool:
-    """Whether to decode on the device: `gpu`, or `auto` on a CUDA device."""
-    if choice == "gpu" and device.type != "cuda":
+def resolve(choice: str, device: torch.device, note=print) -> bool:
+    """Whether to decode on the device: `gpu`, or `auto` on a CUDA device whose torchvision
+    decodes JPEGs there (a build without nvJPEG would otherwise turn every sample into bad data:
+    `auto` then decodes on the CPU and says so, `gpu` is an error)."""
+    if choice == "cpu" or (choice == "auto" and device.type != "cuda"):
+        return False
+    if device.type != "cuda":
         raise ValueError(f"data.decode=gpu needs a CUDA device; this rank trains on {device}")
-    return choice == "gpu" or (choice == "auto" and device.type == "cuda")
+    problem = _cannot_decode_on(device)
+    if problem is None:
+        return True
+    if choice == "gpu":
+        raise ValueError(f"data.decode=gpu: torchvision cannot decode JPEGs on {device}: {problem}")
+    note(f"data.decode=auto: decoding on the CPU workers, {device} cannot ({problem})")
+    return False
+
+
+def _cannot_decode_on(device: torch.device) -> str | None:
+    """None if torchvision decodes a small JPEG on `device`, else why not."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 60, 30)).save(buffer, "JPEG")
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    try:
+        decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+    except (RuntimeError, NotImplementedError) as err:
+        return str(err).splitlines()[0][:200]
+    return None
 
 
 def _crop(image: torch.Tensor, crop: EncodedCrop, size: int) -> torch.Tensor:

@@ -81,9 +81,18 @@ def test_bytes_the_device_cannot_decode_are_bad_samples(manifest) -> None:
     assert any(torch.equal(images[row], images[i]) for i in range(8) if i != row)
 
 
-def test_auto_decodes_on_cuda_devices_only() -> None:
-    assert gpu_decode.resolve("auto", torch.device("cuda", 0))
+def test_auto_decodes_on_cuda_devices_that_can(monkeypatch) -> None:
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(gpu_decode, "_cannot_decode_on", lambda device: None)
+    assert gpu_decode.resolve("auto", cuda) and gpu_decode.resolve("gpu", cuda)
     assert not gpu_decode.resolve("auto", torch.device("cpu"))
-    assert not gpu_decode.resolve("cpu", torch.device("cuda", 0))
+    assert not gpu_decode.resolve("cpu", cuda)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         gpu_decode.resolve("gpu", torch.device("cpu"))
+    # a torchvision without nvJPEG: auto falls back to the workers and says so; gpu refuses
+    monkeypatch.setattr(gpu_decode, "_cannot_decode_on", lambda device: "not compiled with nvjpeg")
+    notes = []
+    assert not gpu_decode.resolve("auto", cuda, notes.append)
+    assert "decoding on the CPU workers" in notes[0] and "nvjpeg" in notes[0]
+    with pytest.raises(ValueError, match="cannot decode JPEGs"):
+        gpu_decode.resolve("gpu", cuda)
