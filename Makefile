@@ -13,6 +13,9 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 .PHONY: demo model-demo test test-fast gpu-check gpu-wheels lint format bench clean
 
 $(STAMP): pyproject.toml setup.py coatnet_scale/data/_roi_jpeg.c
+	@# libjpeg's headers for the region-of-interest decoder (setup.py; optional: Pillow otherwise)
+	@test -f /usr/include/jpeglib.h || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] \
+		|| apt-get install -y -q libjpeg62-turbo-dev >/dev/null || true
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)

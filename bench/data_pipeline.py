@@ -229,6 +229,11 @@ def measure(args, width: int, height: int, tmp: Path) -> dict:
         plan = BatchPlan(args.batch_size, args.batch_size, 0, 1)
         ours = TrainLoader([manifest], [1.0], 0, "exact", plan, augment, workers, 0.01)
         results[f"ours_{workers}w"] = throughput(ours, measure_n, args.batch_size, consume)
+    # What one worker core delivers when the augmentation runs elsewhere (on the GPU): the
+    # per-core figure the planner uses for data.decode=cpu, measured end to end (IPC included).
+    plan = BatchPlan(args.batch_size, args.batch_size, 0, 1)
+    loader_only = TrainLoader([manifest], [1.0], 0, "exact", plan, augment, 1, 0.01)
+    results["ours_1w_workers_only"] = throughput(loader_only, measure_n, args.batch_size)
     stages = stage_costs(files[: min(len(files), 256)], manifest, augment, args.batch_size)
     return {
         "setup": f"{args.images} JPEGs {width}x{height} q90 (mean {mean_kb:.0f} kB), crop {size}, "

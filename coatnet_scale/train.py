@@ -148,7 +148,7 @@ class MicroBatches:
     (DeepSpeed steps the optimizer at the accumulation boundary)."""
 
     def __init__(self, engine, loader: TrainLoader, plan: BatchPlan, cfg: Config) -> None:
-        self.engine, self.plan, self.cfg = engine, plan, cfg
+        self.engine, self.plan, self.cfg, self.loader = engine, plan, cfg, loader
         self.batches: Iterator[dict] = iter(loader)
         self.normalizer = Normalizer(engine.device, DTYPES[cfg.precision.dtype])
         self.augment = BatchAugment(
@@ -171,14 +171,20 @@ class MicroBatches:
             wait_start = time.perf_counter()
             batch = next(self.batches)
             window.data_wait += time.perf_counter() - wait_start
-            crops, valid = gpu_decode.decode_batch(batch, device)
+            crops, valid, labels, refused = gpu_decode.decode_batch(
+                batch, device, self.cfg.data.train_interpolation
+            )
+            if refused:
+                self.loader.count_bad(refused)
             images, targets = self.augment(
                 crops,
                 batch["augment"],
                 batch["mix"],
                 batch["slot"],
-                batch["label"].to(device, non_blocking=True),
+                labels.to(device, non_blocking=True),
+                valid,
             )
+            valid = valid.to(device, non_blocking=True)
             loss = classification_loss(
                 engine(images), targets, train.loss, train.label_smoothing, valid
             )

@@ -12,14 +12,16 @@
  *   returns     RGB rows y0..y1 of the columns x_offset..x_offset+width (x_offset <= x0 and
  *               x_offset + width >= x1: the crop is widened to an iMCU boundary), or None for
  *               colour spaces libjpeg cannot convert to RGB (CMYK, YCCK: the caller falls back).
- * Errors of libjpeg, and a premature end of data (a truncated file, which Pillow refuses too),
- * raise ValueError with libjpeg's message.
+ * Errors of libjpeg, and a premature end of data within the rows read, raise ValueError with
+ * libjpeg's message (a file truncated below the region is caught by the caller's end-of-image
+ * check, roi_jpeg.py, so that whether a file is bad does not depend on the crop).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <jpeglib.h>
 #include <jerror.h>
 
@@ -53,14 +55,15 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     unsigned char *volatile pixels = NULL;
     PyObject *volatile result = NULL;
 
+    memset(&cinfo, 0, sizeof(cinfo)); /* jpeg_destroy_decompress is safe on it from here on */
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = on_error;
     err.pub.emit_message = on_message;
-    jpeg_create_decompress(&cinfo);
-    if (setjmp(err.jump)) {
+    if (setjmp(err.jump)) { /* before create: an error inside it lands here too (libjpeg's example.c) */
         PyErr_SetString(PyExc_ValueError, err.message);
         goto done;
     }
+    jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
     jpeg_read_header(&cinfo, TRUE);
     if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
@@ -79,7 +82,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     if (x1 > (int)cinfo.output_width) x1 = (int)cinfo.output_width;
     if (y1 > full_height) y1 = full_height;
     if (x1 <= x0 || y1 <= y0) {
-        PyErr_SetString(PyExc_ValueError, "empty region");
+        PyErr_SetString(PyExc_RuntimeError, "empty region"); /* the caller's arithmetic: a bug */
         goto done;
     }
     JDIMENSION x_offset = (JDIMENSION)x0, width = (JDIMENSION)(x1 - x0);

@@ -282,12 +282,23 @@ class BatchAugment:
         mix: torch.Tensor,
         slots: torch.Tensor,
         labels: torch.Tensor,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`images` uint8 (B, 3, S, S) on the device; `params`, `mix`, `slots` as the loader
-        made them (on the host: the per-op sample indices are computed there, without a device
-        synchronisation); `labels` (B,) on the device."""
+        """`images` uint8 (B, 3, S, S) on the device; `params`, `mix`, `slots` and `valid` as the
+        loader made them (on the host: the per-op sample indices are computed there, without a
+        device synchronisation); `labels` (B,) on the device. A sample does not mix with an
+        invalid partner (a bad sample's filler is another sample, which depends on the batch)."""
+        x = self.augment_pixels(images, params)
+        targets = smooth_targets(labels, self.num_classes, self.smoothing)
+        if self.mixing.enabled:
+            ok = torch.ones(len(slots), dtype=torch.bool) if valid is None else valid.cpu()
+            x, targets = self._mix(x, targets, mix, slots, ok)
+        return self.normalizer(x), targets
+
+    def augment_pixels(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Flip and RandAugment: float images holding integers 0..255 (what Pillow would give)."""
         device = images.device
-        x = images.to(torch.float32)
+        x = images.to(torch.float32, copy=True)
         flipped = torch.nonzero(params[:, 0]).flatten().to(device, non_blocking=True)
         x[flipped] = x[flipped].flip(-1)
         for layer in range(self.layers):
@@ -307,13 +318,15 @@ class BatchAugment:
                     argument.to(device, non_blocking=True),
                     centres[chosen].to(device, non_blocking=True),
                 )
-        targets = smooth_targets(labels, self.num_classes, self.smoothing)
-        if self.mixing.enabled:
-            x, targets = self._mix(x, targets, mix, slots)
-        return self.normalizer(x), targets
+        return x
 
     def _mix(
-        self, x: torch.Tensor, targets: torch.Tensor, mix: torch.Tensor, slots: torch.Tensor
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor,
+        mix: torch.Tensor,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each pair (2k, 2k+1) mixed with the draws of slot 2k; see the module docstring."""
         device = x.device
@@ -321,6 +334,7 @@ class BatchAugment:
         partner = (slots ^ 1) - slots[0]
         present = (partner >= 0) & (partner < batch)
         partner = torch.where(present, partner, torch.arange(batch))
+        present &= valid & valid[partner]
         leader = torch.where(slots % 2 == 0, torch.arange(batch), partner)
         draws = mix[leader]
         lam, use_cutmix = draws[:, 0].clone(), draws[:, 1] > 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from coatnet_scale.data.transforms import EncodedCrop
@@ -58,43 +59,61 @@ def _cannot_decode_on(device: torch.device) -> str | None:
     return None
 
 
-def _crop(image: torch.Tensor, crop: EncodedCrop, size: int) -> torch.Tensor:
+def _crop(
+    image: torch.Tensor, crop: EncodedCrop, size: int, mode: InterpolationMode
+) -> torch.Tensor:
     left, top, right, bottom = (int(round(v)) for v in crop.box)
     out = TF.resized_crop(
-        image, top, left, bottom - top, right - left, [size, size], antialias=True
+        image, top, left, bottom - top, right - left, [size, size], mode, antialias=True
     )
-    return out.to(torch.uint8)
+    return out.round().clamp(0, 255).to(torch.uint8) if out.is_floating_point() else out
 
 
-def decode_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's images on `device`, its encoded rows decoded and cropped there; returns the
-    images and the valid mask (rows whose bytes did not decode are invalid copies of a good one)."""
+def _decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | str]:
+    """Each JPEG decoded on `device`, or the decoder's message for one it refuses. Out of memory
+    and other errors that are not about the bytes propagate (they are not bad data)."""
+    try:
+        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError:  # one bad image fails the batched call: find which, one by one
+        pass
+    decoded: list[torch.Tensor | str] = []
+    for data in datas:
+        try:
+            decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
+            decoded.append(str(err).splitlines()[0][:200])
+    return decoded
+
+
+def decode_batch(
+    batch: dict, device: torch.device, interpolation: str = "bilinear"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """The batch's images on `device` with its encoded rows decoded, cropped and resized there
+    (`interpolation` as `data.train_interpolation`, antialiased); returns images, the valid mask
+    and labels (host tensors: a refused row becomes a copy, image and label, of the first good
+    row, flagged invalid, as the workers fill bad rows) and a line naming each refused sample."""
     images = batch["image"].to(device, non_blocking=True)
-    valid = batch["valid"].clone()
+    valid, labels = batch["valid"].clone(), batch["label"].clone()
     encoded: list[tuple[int, EncodedCrop]] = batch.get("encoded", [])
     if not encoded:
-        return images, valid.to(device, non_blocking=True)
+        return images, valid, labels, []
     size = images.shape[-1]
+    mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
     datas = [torch.frombuffer(bytearray(crop.data), dtype=torch.uint8) for _, crop in encoded]
-    try:
-        decoded: list[torch.Tensor | None] = list(
-            decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-        )
-    except RuntimeError:  # one bad image fails the batched call: find which, one by one
-        decoded = []
-        for data in datas:
-            try:
-                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                decoded.append(None)
-    good = None
-    for (row, crop), image in zip(encoded, decoded, strict=True):
-        if image is None:
+    refused = []
+    for (row, crop), image in zip(encoded, _decode(datas, device), strict=True):
+        if isinstance(image, str):
             valid[row] = False
-            continue
-        images[row] = _crop(image, crop, size)
-        good = row if good is None else good
-    if good is not None:
+            refused.append(f"{batch['key'][row]}: the device's JPEG decoder refused it ({image})")
+        else:
+            images[row] = _crop(image, crop, size, mode)
+    if refused:
+        good = torch.nonzero(valid).flatten()
         for row in torch.nonzero(~valid).flatten().tolist():
-            images[row] = images[good]
-    return images, valid.to(device, non_blocking=True)
+            if len(good):
+                images[row], labels[row] = images[int(good[0])], labels[int(good[0])]
+    return images, valid, labels, refused

@@ -309,8 +309,16 @@ class TrainLoader:
 
     def _account(self, batch: dict) -> None:
         self.samples_seen += len(batch["valid"])
-        self.bad_samples += batch["bad"]
-        for reason in batch["bad_reasons"]:
+        self._bad(batch["bad"], batch["bad_reasons"])
+
+    def count_bad(self, reasons: list[str]) -> None:
+        """Bad samples found after the loader handed the batch out (the device's JPEG decoder
+        refused them, `gpu_decode`): counted, named and limited like the workers' ones."""
+        self._bad(len(reasons), reasons)
+
+    def _bad(self, count: int, reasons: list[str]) -> None:
+        self.bad_samples += count
+        for reason in reasons:
             if len(self.named) < NAMED_BAD:
                 self.named.append(reason)
                 log.warning("bad sample %d: %s", len(self.named), reason)

@@ -38,12 +38,28 @@ def draft_scale(width: int, height: int, box: Box, out: int) -> int:
     return next((s for s in (8, 4, 2) if ratio >= s), 1)
 
 
+EOI = b"\xff\xd9"  # JPEG's end-of-image marker
+TRAILING_BYTES = 4096  # what some writers append after it
+
+
+def check_complete(data: bytes) -> None:
+    """ValueError unless the file ends with JPEG's end-of-image marker (allowing a few KiB of
+    trailing bytes). The region decoder stops at the crop's last row, so a file cut below the crop
+    would otherwise decode for some slots and be bad for others; Pillow's full decode refuses a
+    truncated file, and so does this check, for every crop. Damage that keeps the marker but
+    corrupts the scan below the crop goes unnoticed, as it changes none of the decoded pixels."""
+    if data.rfind(EOI, max(0, len(data) - TRAILING_BYTES)) < 0:
+        raise ValueError("truncated: no end-of-image marker")
+
+
 def decode_crop(
     data: bytes, width: int, height: int, box: Box, out: int
 ) -> tuple[Image.Image, Box] | None:
     """The region of the JPEG `data` that covers `box` (full-image pixels), decoded at Pillow's
     draft scale, as an RGB image, and the box in its pixels; None where libjpeg cannot give RGB
-    (CMYK). Raises ValueError for bytes libjpeg cannot decode (truncated files included)."""
+    (CMYK). Raises ValueError for bytes libjpeg cannot decode, and for a truncated file whatever
+    the crop (`check_complete`)."""
+    check_complete(data)
     scale = draft_scale(width, height, box, out)
     # libjpeg's scaled size rounds up: 500 px at 1/8 is 63 px for 62.5 px of image
     full_w, full_h = -(-width // scale), -(-height // scale)

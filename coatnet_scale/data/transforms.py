@@ -163,6 +163,10 @@ def crop_for_device(data: bytes, aug: TrainAugment) -> EncodedCrop | torch.Tenso
     (PNG, CMYK JPEG, which the device decoder does not take) is decoded here as usual."""
     img = open_image(data)
     if img.format == "JPEG" and img.mode in ("RGB", "L"):
+        try:
+            roi_jpeg.check_complete(data)  # a truncated file is bad here, as on the CPU path
+        except ValueError as err:
+            raise UndecodableImage(f"cannot decode the image: {err}") from None
         return EncodedCrop(data, train_box(img, aug))
     return decode_train(data, aug)
 

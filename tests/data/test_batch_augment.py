@@ -161,3 +161,70 @@ def test_flips_follow_the_draws() -> None:
     plain = Normalizer("cpu")(images)
     assert torch.equal(x[0], plain[0]) and torch.equal(x[2], plain[2])
     assert torch.equal(x[1], plain[1].flip(-1)) and torch.equal(x[3], plain[3].flip(-1))
+
+
+class Replay:
+    """Stands in for `random` inside the Pillow reference: replays one sample's draws."""
+
+    def __init__(self, op: str, centre: tuple[int, int]) -> None:
+        self.op, self.centre, self.calls = op, centre, 0
+
+    def choice(self, options):
+        return self.op
+
+    def uniform(self, low: float, high: float) -> float:
+        return 1.0  # probability 1: applied (the batch draws said so)
+
+    def random(self) -> float:
+        return 0.0  # (the ops themselves draw nothing but Cutout's centre)
+
+    def randrange(self, n: int) -> int:
+        self.calls += 1
+        return self.centre[0] if self.calls % 2 else self.centre[1]
+
+
+def test_the_batch_gives_each_sample_what_the_pillow_reference_gives_it(monkeypatch) -> None:
+    """Per-sample ops, signs and cutout centres over two layers and a flip, through
+    `BatchAugment`'s indexing: each sample equals the Pillow reference run with its draws (+-1;
+    a sample that was rotated may differ at under 1% of its pixels)."""
+    images = photos(24, 48, 48, seed=5)
+    layers, magnitude = 2, 15
+    params, _ = drawn(range(200, 224), layers, Mixing())
+    augment = BatchAugment(48, layers, magnitude, Mixing(), 10, 0.0, Normalizer("cpu"))
+    got = augment.augment_pixels(as_batch(images), params)
+    for i, img in enumerate(images):
+        row = params[i].tolist()
+        if row[0]:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        rotated = False
+        for layer in range(layers):
+            op, applied, sign, x, y = row[1 + layer * LAYER_FIELDS : 1 + (layer + 1) * LAYER_FIELDS]
+            if not applied:
+                continue
+            name = OPS[op]
+            monkeypatch.setattr(randaugment, "random", Replay(name, (x, y)))
+            argument = op_argument(name, magnitude, 48)
+            if name in SIGNED:
+                argument = argument * sign
+            img = randaugment.APPLY[name](img, argument)
+            rotated |= name == "Rotate"
+        diff = (got[i] - as_batch([img])[0].float()).abs()
+        if rotated:
+            assert (diff > 1).float().mean() < 0.01, i
+        else:
+            assert diff.max() <= 1, (i, row)
+
+
+def test_a_sample_never_mixes_with_an_invalid_partner() -> None:
+    images = as_batch(photos(4, 32, 32))
+    labels = torch.tensor([0, 1, 2, 3])
+    mixing = Mixing(mixup_alpha=1.0)
+    params, mixes = drawn(range(4), 0, mixing)
+    params[:, 0] = 0
+    valid = torch.tensor([True, False, True, True])  # slot 1 is a bad sample's filler
+    x, y = augmenter(mixing, layers=0, smoothing=0.0)(
+        images, params, mixes, torch.arange(4), labels, valid
+    )
+    plain = Normalizer("cpu")(images)
+    assert torch.equal(x[0], plain[0]) and y[0, 0].item() == 1.0  # its partner (1) is invalid
+    assert y[2, 2].item() < 1.0 and y[3, 2].item() > 0.0  # the valid pair (2, 3) mixes

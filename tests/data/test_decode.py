@@ -192,3 +192,14 @@ def test_cmyk_and_grayscale_jpegs_decode() -> None:
         assert out.shape == (3, 64, 64)
         reference = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").getpixel((150, 100))
         assert np.abs(out[:, 32, 32].numpy().astype(int) - np.array(reference)).max() <= 2
+
+
+def test_a_truncated_jpeg_is_bad_whatever_the_crop() -> None:
+    """The region decoder stops at the crop's last row; the end-of-image check makes a file cut
+    below the crop bad too, as Pillow's full decode (and so every slot agrees)."""
+    data = smooth_jpeg(500, 375, 7)
+    cut = data[: len(data) * 6 // 10]
+    for box in ((0.0, 0.0, 100.0, 50.0), (0.0, 300.0, 100.0, 375.0)):
+        with pytest.raises(UndecodableImage, match="truncated"):
+            crop_resize(cut, box, 32, Image.BILINEAR)
+    assert crop_resize(data + b"\x00" * 100, (0.0, 0.0, 100.0, 50.0), 32, Image.BILINEAR)

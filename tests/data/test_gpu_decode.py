@@ -57,8 +57,9 @@ def check_against_the_cpu_path(manifest, device: torch.device) -> None:
         assert torch.equal(cpu["label"], dev["label"])
         assert torch.equal(cpu["augment"], dev["augment"]) and torch.equal(cpu["mix"], dev["mix"])
         assert len(dev["encoded"]) == 8 - sum(k.endswith("005") for k in dev["key"])
-        images, valid = gpu_decode.decode_batch(dev, device)
-        assert images.device.type == device.type and bool(valid.all())
+        images, valid, labels, refused = gpu_decode.decode_batch(dev, device)
+        assert images.device.type == device.type and bool(valid.all()) and not refused
+        assert torch.equal(labels, cpu["label"])
         for a, b in zip(cpu["image"], images.cpu(), strict=True):
             assert psnr(a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy()) >= 30.0
 
@@ -70,15 +71,38 @@ def test_the_device_path_keeps_the_cpu_paths_samples_windows_and_draws(manifest)
 @pytest.mark.cuda
 def test_nvjpeg_decodes_the_same_crops_on_cuda(manifest) -> None:
     check_against_the_cpu_path(manifest, torch.device("cuda"))
+    # exact resume needs the same pixels whether the batch decoded at once or one by one
+    batch = batches(manifest, True, steps=1)[0]
+    datas = [torch.frombuffer(bytearray(c.data), dtype=torch.uint8) for _, c in batch["encoded"]]
+    together = gpu_decode._decode(datas, torch.device("cuda"))
+    for data, image in zip(datas, together, strict=True):
+        alone = gpu_decode._decode([data], torch.device("cuda"))[0]
+        assert torch.equal(alone, image)
 
 
 def test_bytes_the_device_cannot_decode_are_bad_samples(manifest) -> None:
-    batch = batches(manifest, True, steps=1)[0]
+    """Counted and named by the loader like the workers' bad samples; the row becomes a copy,
+    image and label, of the first good row (as the workers fill bad rows)."""
+    plan = BatchPlan(8, 8, 0, 1)
+    loader = TrainLoader([manifest], [1.0], 0, "exact", plan, AUG, 0, 0.5, "window", 2, True)
+    batch = next(iter(loader))
     row, crop = batch["encoded"][2]
-    batch["encoded"][2] = (row, type(crop)(crop.data[: len(crop.data) // 3], crop.box))
-    images, valid = gpu_decode.decode_batch(batch, torch.device("cpu"))
+    batch["encoded"][2] = (row, type(crop)(b"\xff\xd8" + b"\x00" * 64 + b"\xff\xd9", crop.box))
+    images, valid, labels, refused = gpu_decode.decode_batch(batch, torch.device("cpu"))
     assert not valid[row] and int(valid.sum()) == 7
-    assert any(torch.equal(images[row], images[i]) for i in range(8) if i != row)
+    assert len(refused) == 1 and batch["key"][row] in refused[0]
+    good = int(torch.nonzero(valid)[0])
+    assert torch.equal(images[row], images[good]) and labels[row] == labels[good]
+    loader.count_bad(refused)
+    assert loader.bad_samples == 1 and loader.named == refused
+
+
+def test_a_truncated_jpeg_is_bad_on_the_worker_whatever_its_crop() -> None:
+    from coatnet_scale.data.transforms import UndecodableImage, crop_for_device
+
+    data = smooth_jpeg(300, 200, 1)
+    with pytest.raises(UndecodableImage, match="truncated"):
+        crop_for_device(data[: len(data) * 2 // 3], AUG)
 
 
 def test_auto_decodes_on_cuda_devices_that_can(monkeypatch) -> None:
