@@ -2,10 +2,12 @@
 
 With `data.decode=cpu` a loader worker reads, decodes the crop's region and resizes it; the
 augmentation runs on the GPU either way (`data/batch_augment.py`). The per-core figures below are
-bench/data_pipeline.py's stage costs on 2026-11-30 (AMD EPYC, one thread; read + ROI decode +
-resize + collation, bench/README.md): re-measure on the cluster's CPUs and pass
-`--images-per-core`. With `data.decode=gpu` (the default on CUDA) the workers only read bytes and
-draw crop windows, and nvJPEG decodes on the GPU (`make gpu-check` measures it).
+bench/data_pipeline.py's "workers only" throughput on 2026-11-30: one loader worker on one core,
+end to end (read, ROI decode, resize, collation, the hand-over to the training process), AMD EPYC
+(bench/README.md); the sum of the stage costs measured alone agrees (787 and 402). Re-measure on
+the cluster's CPUs and pass `--images-per-core`. With `data.decode=gpu` (the default on CUDA)
+the workers only read bytes and draw crop windows, and nvJPEG decodes on the GPU (`make
+gpu-check` measures it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 
 # images/s one core gets through for ImageNet-like 500x375 JPEGs (a 224 crop), and 1024x768
-CPU_DECODE_IMAGES_PER_CORE = {"500x375": 787.0, "1024x768": 402.0}
+CPU_DECODE_IMAGES_PER_CORE = {"500x375": 801.0, "1024x768": 398.0}
 
 
 def cores_per_gpu(images_per_s_per_gpu: float, images_per_core: float) -> int:

@@ -201,7 +201,7 @@ def test_the_planner_counts_the_attention_bias_gradient_of_the_fused_kernel() ->
 def test_the_planner_says_how_many_cores_feed_a_gpu() -> None:
     from coatnet_scale.plan.input import CPU_DECODE_IMAGES_PER_CORE, cores_per_gpu, input_line
 
-    assert cores_per_gpu(2252, 787) == 3 and cores_per_gpu(100, 787) == 1
+    assert cores_per_gpu(2252, 801) == 3 and cores_per_gpu(100, 801) == 1
     line = input_line(2252)
     assert "3 CPU core(s) per GPU" in line and "data.decode=gpu" in line
     assert CPU_DECODE_IMAGES_PER_CORE["1024x768"] < CPU_DECODE_IMAGES_PER_CORE["500x375"]
