@@ -648,9 +648,9 @@ def device_pipeline(rehearsal: bool) -> dict[str, Any]:
 
     def one_pass() -> None:
         for batch in batches:
-            images, _ = gpu_decode.decode_batch(batch, device)
-            labels = batch["label"].to(device)
-            augment(images, batch["augment"], batch["mix"], batch["slot"], labels)
+            images, valid, labels, _ = gpu_decode.decode_batch(batch, device)
+            labels = labels.to(device)
+            augment(images, batch["augment"], batch["mix"], batch["slot"], labels, valid)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -256,6 +256,8 @@ def _gather_bias(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
     table = resize_rel_pos_table(table, (height, width))
     if torch.jit.is_scripting():
         index = _relative_position_index(height, width, table.device)
+    elif torch.compiler.is_compiling():  # traced into the graph: no cache call for Dynamo
+        index = _relative_position_index(height, width, table.device)
     else:
         index = relative_position_index(height, width, table.device)
     return table.flatten(1)[:, index]
