@@ -254,7 +254,9 @@ class RelPosBias(nn.Module):
 
 def _gather_bias(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
     table = resize_rel_pos_table(table, (height, width))
-    if torch.jit.is_scripting():
+    # Two branches, not one `or`: TorchScript compiles only the first (is_scripting is constant
+    # for it) and cannot compile torch.compiler.is_compiling.
+    if torch.jit.is_scripting():  # noqa: SIM114
         index = _relative_position_index(height, width, table.device)
     elif torch.compiler.is_compiling():  # traced into the graph: no cache call for Dynamo
         index = _relative_position_index(height, width, table.device)
