@@ -118,6 +118,7 @@ def stage_costs(files: list[Path], manifest, augment: TrainAugment, batch_size: 
         random.seed(slot)
         draws.append(augment.draw())
     items = [(str(i), t, 0) for i, t in enumerate(tensors)]
+    collate_start = time.perf_counter()
     batches = [
         _assemble(
             items[i : i + batch_size],
@@ -128,15 +129,6 @@ def stage_costs(files: list[Path], manifest, augment: TrainAugment, batch_size: 
         )
         for i in range(0, len(items) - batch_size + 1, batch_size)
     ]
-    collate_start = time.perf_counter()
-    for i in range(0, len(items) - batch_size + 1, batch_size):
-        _assemble(
-            items[i : i + batch_size],
-            [],
-            range(i, i + batch_size),
-            out,
-            draws=draws[i : i + batch_size],
-        )
     collate = (time.perf_counter() - collate_start) * 1000 / (len(batches) * batch_size)
     device_augment = augmenter(augment)
     start = time.perf_counter()

@@ -96,8 +96,9 @@ def write_export_folder(
     config.json follows timm's convention for a model folder (architecture, num_classes,
     num_features, pretrained_cfg, model_args), so the folder loads in one line,
     `timm.create_model("local-dir:PATH", pretrained=True)` (with coatnet_scale imported, which
-    registers the architectures), at the exported resolution and class count. Our own keys sit
-    next to them: the full model config and where the weights come from (`provenance`). `crop_pct`
+    registers the architectures), at the exported resolution and class count; `architecture` and
+    `model_args` are the whole model config. Where the weights come from (`provenance`) sits next
+    to them. `crop_pct`
     is the evaluation's center-crop fraction (`data.eval_crop_pct`), for timm's eval transforms.
     """
     from safetensors.torch import save_file
@@ -118,9 +119,8 @@ def write_export_folder(
         "pretrained_cfg": pretrained_cfg(
             model.image_size, model.num_classes, model.in_chans, crop_pct
         ),
-        # timm passes these to the model factory; `name` is the architecture itself
+        # every ModelConfig field but `name` (the architecture): timm passes them to the factory
         "model_args": {k: v for k, v in fields.items() if k != "name"},
-        "model": fields,
         **provenance,
     }
     atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(info, indent=1) + "\n")

@@ -45,7 +45,7 @@ from coatnet_scale.distributed.collectives import (
 )
 from coatnet_scale.files import free_name, fsync_dir, remove_tree
 from coatnet_scale.guard import overflow_at_min_scale_skips
-from coatnet_scale.models.coatnet import LEGACY_KEYS
+from coatnet_scale.models.coatnet import current_key
 from coatnet_scale.run_folder import IGNORED_ON_RESUME, flatten, is_free, saved_form
 from coatnet_scale.seeding import seed_for, seed_rank_streams
 
@@ -302,12 +302,11 @@ def convert_to_universal(ckpt: Path, progress_every_s: float = 60.0) -> str | No
 def rename_legacy_parameter_folders(universal: Path) -> None:
     """A universal checkpoint has a folder per parameter, named as the checkpoint named it, and
     DeepSpeed looks them up by the model's names: a checkpoint written before a parameter was
-    renamed (`models.LEGACY_KEYS`: the head's pre-logits layer) gets today's names here."""
+    renamed (`models.coatnet.current_key`: the head's pre-logits layer) gets today's names here."""
     zero = universal / "zero"
     for folder in list(zero.iterdir()) if zero.is_dir() else []:
-        for old, new in LEGACY_KEYS.items():
-            if folder.name.startswith(old):
-                folder.rename(zero / (new + folder.name[len(old) :]))
+        if current_key(folder.name) != folder.name:
+            folder.rename(zero / current_key(folder.name))
 
 
 def load(engine, plan: LoadPlan) -> None:

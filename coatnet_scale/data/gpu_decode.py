@@ -96,12 +96,18 @@ def decode_batch(
     (`interpolation` as `data.train_interpolation`, antialiased); returns images, the valid mask
     and labels (host tensors: a refused row becomes a copy, image and label, of the first good
     row, flagged invalid, as the workers fill bad rows) and a line naming each refused sample."""
-    images = batch["image"].to(device, non_blocking=True)
     valid, labels = batch["valid"].clone(), batch["label"].clone()
     encoded: list[tuple[int, EncodedCrop]] = batch.get("encoded", [])
     if not encoded:
-        return images, valid, labels, []
-    size = images.shape[-1]
+        return batch["image"].to(device, non_blocking=True), valid, labels, []
+    # "image" holds only the rows the workers decoded (PNG, CMYK), in row order
+    size = batch["image"].shape[-1]
+    images = torch.zeros((len(valid), 3, size, size), dtype=torch.uint8, device=device)
+    on_device = {row for row, _ in encoded}
+    worker_rows = [row for row in range(len(valid)) if row not in on_device]
+    if worker_rows:
+        rows = torch.tensor(worker_rows, device=device)
+        images[rows] = batch["image"].to(device, non_blocking=True)
     mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
     datas = [torch.frombuffer(bytearray(crop.data), dtype=torch.uint8) for _, crop in encoded]
     refused = []

@@ -73,11 +73,13 @@ def _assemble(
     filler = good or ("", torch.zeros(3, image_size, image_size, dtype=torch.uint8), 0)
     valid = torch.tensor([item is not None for item in items])
     rows = [item if item is not None else filler for item in items]
-    # data.decode=gpu: JPEGs stay encoded; their rows are filled on the device (device_decode)
+    # data.decode=gpu: JPEGs stay encoded and their rows are made on the device (gpu_decode);
+    # "image" then holds only the rows decoded here, in row order (no blank rows to ship)
     encoded = [(i, r[1]) for i, r in enumerate(rows) if isinstance(r[1], EncodedCrop)]
-    blank = torch.zeros(3, image_size, image_size, dtype=torch.uint8)
+    decoded = [r[1] for r in rows if not isinstance(r[1], EncodedCrop)]
+    empty = torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
     batch = {
-        "image": torch.stack([blank if isinstance(r[1], EncodedCrop) else r[1] for r in rows]),
+        "image": torch.stack(decoded) if decoded else empty,
         "label": torch.tensor([r[2] for r in rows], dtype=torch.long),
         "key": [item[0] if item is not None else "" for item in items],
         "slot": torch.tensor(list(slots), dtype=torch.long),

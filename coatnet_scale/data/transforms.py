@@ -21,8 +21,10 @@ Every random choice for a sample is drawn from `random` seeded by the sample's s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +87,21 @@ def open_image(data: bytes) -> Image.Image:
         raise UndecodableImage(f"not an image: {err}") from None
 
 
+def libjpeg_rgb(img: Image.Image) -> bool:
+    """A JPEG that libjpeg (our region decoder, nvJPEG) decodes to RGB: not CMYK/YCCK."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L")
+
+
+@contextlib.contextmanager
+def libjpeg_errors_are_bad_data() -> Iterator[None]:
+    """libjpeg's own errors (ValueError from `roi_jpeg`; the arithmetic around it is Python's,
+    whose errors are bugs and propagate) make the sample bad data."""
+    try:
+        yield
+    except ValueError as err:
+        raise UndecodableImage(f"cannot decode the image: {err}") from None
+
+
 def decode_region(data: bytes, img: Image.Image, box: Box, out: int) -> tuple[Image.Image, Box]:
     """Decode `img` (opened from `data`) for a crop `box` (in full-image pixels) to be resized to
     `out` pixels: a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the box at least
@@ -98,11 +115,9 @@ def decode_region(data: bytes, img: Image.Image, box: Box, out: int) -> tuple[Im
     valid images, or shifted them by a fraction of a pixel.)
     """
     width, height = img.size
-    if roi_jpeg.AVAILABLE and img.format == "JPEG" and img.mode in ("RGB", "L"):
-        try:
+    if roi_jpeg.AVAILABLE and libjpeg_rgb(img):
+        with libjpeg_errors_are_bad_data():
             region = roi_jpeg.decode_crop(data, width, height, box, out)
-        except ValueError as err:  # libjpeg's own errors only: the arithmetic is in Python
-            raise UndecodableImage(f"cannot decode the image: {err}") from None
         if region is not None:
             return region
     scale = 1.0
@@ -162,11 +177,9 @@ def crop_for_device(data: bytes, aug: TrainAugment) -> EncodedCrop | torch.Tenso
     """A baseline or colour JPEG stays encoded with its window (`EncodedCrop`); anything else
     (PNG, CMYK JPEG, which the device decoder does not take) is decoded here as usual."""
     img = open_image(data)
-    if img.format == "JPEG" and img.mode in ("RGB", "L"):
-        try:
+    if libjpeg_rgb(img):
+        with libjpeg_errors_are_bad_data():
             roi_jpeg.check_complete(data)  # a truncated file is bad here, as on the CPU path
-        except ValueError as err:
-            raise UndecodableImage(f"cannot decode the image: {err}") from None
         return EncodedCrop(data, train_box(img, aug))
     return decode_train(data, aug)
 

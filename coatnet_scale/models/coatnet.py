@@ -374,13 +374,22 @@ def is_classifier(module_name: str) -> bool:
     return module_name == CLASSIFIER or module_name.startswith(CLASSIFIER + ".")
 
 
+def current_key(key: str) -> str:
+    """Today's name for a parameter or buffer name written by an earlier version (`LEGACY_KEYS`);
+    any other name is returned as it is."""
+    for old, new in LEGACY_KEYS.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
 def _rename_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
     """Load-time hook: rename keys written before the head was timm's (every load path, also
     DeepSpeed's resume, goes through `load_state_dict`)."""
-    for key in list(state_dict):
-        for old, new in LEGACY_KEYS.items():
-            if key.startswith(prefix + old):
-                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        renamed = prefix + current_key(key[len(prefix) :])
+        if renamed != key:
+            state_dict[renamed] = state_dict.pop(key)
 
 
 # ---- building and checkpoint adaptation ------------------------------------------------------
@@ -417,9 +426,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CoAtNet)
     while any(k.startswith(WRAPPER_PREFIXES) for k in state_dict):  # module.module. too
         state_dict = clean_state_dict(state_dict)
     for key, value in state_dict.items():
-        for old, new in LEGACY_KEYS.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
+        key = current_key(key)
         target = own.get(key)
         if target is None and key.startswith("head.fc."):
             continue  # the model has no classifier (num_classes=0)
