@@ -11,6 +11,11 @@ the SLURM job (`launch/slurm/supervisor.py`) does on each, and what a user's scr
     5     non-finite steps: train.max_nonfinite_steps in a row     never requeued
     6     the run folder belongs to another live run (nothing is   never requeued; nothing
           written there)                                           written into the folder
+    7     a rank stalled: its heartbeat stopped for                requeued (its node counts
+          distributed.stall_timeout_s; the watchdog named it and   toward the bad-node rule)
+          left every rank's stacks in RUN/stall/
+    8     loss spikes recurred at the same place after a rollback  never requeued
+          (train.spike_*: the data or the recipe needs a look)
     75    stopped on a signal after a checkpoint (EX_TEMPFAIL)     requeued
     other a crash: a bug, a killed task, a lost node               requeued from the newest
                                                                    checkpoint
@@ -37,6 +42,8 @@ EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
 EXIT_NONFINITE = 5
 EXIT_FOLDER_BUSY = 6
+EXIT_STALLED = 7
+EXIT_SPIKES = 8
 EXIT_STOPPED = 75
 
 # the codes a requeue cannot fix, with what the job says about them
@@ -46,16 +53,23 @@ NOT_REQUEUED = {
     EXIT_CHECKPOINT: "stopped on a checkpoint it cannot use (the 'checkpoint error' line above)",
     EXIT_NONFINITE: "stopped after too many non-finite steps (train.max_nonfinite_steps)",
     EXIT_FOLDER_BUSY: "found its run folder owned by another run (the 'run folder in use' line)",
+    EXIT_SPIKES: "stopped on loss spikes that came back after a rollback (the 'loss spike' line)",
 }
 
 EXIT_REASON_FILE = "exit_reason.json"
 
 
-def record_exit(run_dir: Path, code: int, line: str) -> None:
+def record_exit(
+    run_dir: Path, code: int, line: str, rank: int | None = None, host: str | None = None
+) -> None:
     """Leave the exit code and its line in the run folder for the SLURM supervisor (only in a
-    folder that exists: a run that never started writes nothing)."""
+    folder that exists: a run that never started writes nothing); `rank` and `host`, when given,
+    name the rank the failure is about (a stalled rank: not the one that writes)."""
     if run_dir.is_dir():
-        atomic_write_text(run_dir / EXIT_REASON_FILE, json.dumps({"code": code, "line": line}))
+        record: dict[str, object] = {"code": code, "line": line}
+        if rank is not None:
+            record |= {"rank": rank, "host": host}
+        atomic_write_text(run_dir / EXIT_REASON_FILE, json.dumps(record))
 
 
 def recorded_exit(run_dir: Path) -> tuple[int, str] | None:
