@@ -326,6 +326,18 @@ class DistributedConfig:
     )
     backend: Literal["auto", "nccl", "gloo"] = option("auto", "auto: the accelerator's backend")
     timeout_minutes: float = option(30.0, "collective timeout before a hung job exits")
+    stall_timeout_s: float = option(
+        600.0,
+        "a rank whose heartbeat stops this long ends the job, named, with every rank's stacks "
+        "in RUN/stall/ (exit code 7; coatnet_scale/watchdog.py); at most half the collective "
+        "timeout, so the stall is named before the collective fails; 0 turns the watchdog off",
+    )
+
+    @property
+    def stall_after_s(self) -> float:
+        """The watchdog's timeout: `stall_timeout_s`, capped at half the collective timeout."""
+        return min(self.stall_timeout_s, 30 * self.timeout_minutes)
+
     max_requeues: int = option(
         3,
         "SLURM: stop requeueing after this many attempts in a row without a new checkpoint "
@@ -337,6 +349,8 @@ class DistributedConfig:
             raise ConfigError("timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
         if self.max_requeues < 0:
             raise ConfigError("max_requeues", f"must be >= 0, got {self.max_requeues}")
+        if self.stall_timeout_s < 0:
+            raise ConfigError("stall_timeout_s", f"must be >= 0, got {self.stall_timeout_s}")
 
 
 @dataclass(frozen=True)

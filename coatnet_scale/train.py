@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -72,6 +73,7 @@ from coatnet_scale.plan.hardware import device_peak_flops
 from coatnet_scale.run_folder import run_folder
 from coatnet_scale.seeding import seed_weights
 from coatnet_scale.stop import STOP_FILE, StopRequest
+from coatnet_scale.watchdog import Heartbeat, Watchdog
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RANK_LINES_SHOWN = 16  # larger jobs: a summary on the console, every rank in RUN/ranks.json
@@ -113,13 +115,14 @@ def loss_scale(engine) -> float | None:
 
 
 @torch.no_grad()
-def evaluate(engine, loader, normalizer: Normalizer) -> dict[str, float]:
+def evaluate(engine, loader, normalizer: Normalizer, heartbeat: Heartbeat) -> dict[str, float]:
     """Top-1/top-5 and the mean cross-entropy over the validation shards, summed over ranks (each
-    sample counted once)."""
+    sample counted once). A heartbeat per batch: a long evaluation is not a stall."""
     device = engine.device
     engine.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, CE, count
     for batch in loader:
+        heartbeat.enter("eval")
         logits = engine(normalizer(batch["image"].to(device, non_blocking=True))).float()
         labels = batch["label"].to(device, non_blocking=True)
         valid = batch["valid"].to(device, non_blocking=True)
@@ -147,8 +150,11 @@ class MicroBatches:
     sample's draws: `BatchAugment`) and normalised, forward, loss, backward, `engine.step()`
     (DeepSpeed steps the optimizer at the accumulation boundary)."""
 
-    def __init__(self, engine, loader: TrainLoader, plan: BatchPlan, cfg: Config) -> None:
+    def __init__(
+        self, engine, loader: TrainLoader, plan: BatchPlan, cfg: Config, heartbeat: Heartbeat
+    ) -> None:
         self.engine, self.plan, self.cfg, self.loader = engine, plan, cfg, loader
+        self.heartbeat = heartbeat
         self.batches: Iterator[dict] = iter(loader)
         self.normalizer = Normalizer(engine.device, DTYPES[cfg.precision.dtype])
         self.augment = BatchAugment(
@@ -166,8 +172,9 @@ class MicroBatches:
     def step(self, step: int, window: ThroughputWindow) -> tuple[torch.Tensor, float | None]:
         """Run one optimizer step; returns this rank's mean loss and the gradient norm."""
         engine, device, train = self.engine, self.engine.device, self.cfg.train
-        losses, own_norm = [], None
+        losses, own_norm, beat = [], None, self.heartbeat.enter
         for micro in range(self.plan.accumulation):
+            beat("data", step)
             wait_start = time.perf_counter()
             batch = next(self.batches)
             window.data_wait += time.perf_counter() - wait_start
@@ -176,6 +183,7 @@ class MicroBatches:
             )
             if refused:
                 self.loader.count_bad(refused)
+            beat("forward")
             images, targets = self.augment(
                 crops,
                 batch["augment"],
@@ -188,9 +196,11 @@ class MicroBatches:
             loss = classification_loss(
                 engine(images), targets, train.loss, train.label_smoothing, valid
             )
+            beat("backward")
             engine.backward(loss)
             if micro == self.plan.accumulation - 1 and self.own_norm:
                 own_norm = gradient_norm(engine.module)
+            beat("optimizer")
             engine.step()
             losses.append(loss.detach().float())
         window.step_done(train.global_batch_size)
@@ -292,14 +302,14 @@ class Checkpointing:
 
 
 def validation(
-    engine, loader, normalizer: Normalizer, stats_ema: BufferEma | None
+    engine, loader, normalizer: Normalizer, stats_ema: BufferEma | None, heartbeat: Heartbeat
 ) -> dict[str, float]:
     """val_* metrics of the weights, and val_ema_* of the EMA weights and statistics."""
     start = time.perf_counter()
-    result = {f"val_{k}": v for k, v in evaluate(engine, loader, normalizer).items()}
+    result = {f"val_{k}": v for k, v in evaluate(engine, loader, normalizer, heartbeat).items()}
     if stats_ema is not None:
         with ema_applied(engine, stats_ema):
-            ema_result = evaluate(engine, loader, normalizer)
+            ema_result = evaluate(engine, loader, normalizer, heartbeat)
         result |= {f"val_ema_{k}": v for k, v in ema_result.items()}
     return result | {"eval_s": time.perf_counter() - start}
 
@@ -423,6 +433,27 @@ def training_metrics(
     return metrics
 
 
+@contextlib.contextmanager
+def watching(
+    heartbeat: Heartbeat, run_dir: Path, env: DistEnv, stall_after_s: float
+) -> Iterator[None]:
+    """Every rank's stall watchdog (`coatnet_scale/watchdog.py`), started together (rank 0 moves
+    an earlier attempt's stall report aside and hands out this run's token) and stopped on any
+    way out: a run that raised must not be judged stalled later in the same process."""
+    if not stall_after_s:
+        yield
+        return
+    if env.is_main:
+        Watchdog.clear(run_dir)
+    token = from_rank0(secrets.token_hex(8) if env.is_main else None)
+    watchdog = Watchdog(heartbeat, run_dir, env.rank, env.world_size, token, stall_after_s)
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.stop()
+
+
 def train(cfg: Config) -> dict[str, float]:
     """Run (or continue) the pretraining described by `cfg`; returns the final metrics.
 
@@ -485,74 +516,83 @@ def run_in(
         resume.wandb_run_id,
     )
     announce(logger, cfg, engine, plan, notes, start_step)
-    micro_batches = MicroBatches(engine, train_loader, plan, cfg)
+    heartbeat = Heartbeat()
+    micro_batches = MicroBatches(engine, train_loader, plan, cfg, heartbeat)
     checkpoints = Checkpointing(
         engine, cfg, run_dir, train_loader, guard, stats_ema, logger, env, lease
     )
     window = ThroughputWindow(
         6 * total_macs(cfg.model), peak_flops(cfg, engine.device, env.world_size)
     )
-    resume.restore_rng(cfg.train.seed, env.rank, env.world_size)  # last: set-up draws no more
+    with watching(heartbeat, run_dir, env, cfg.distributed.stall_after_s):
+        resume.restore_rng(cfg.train.seed, env.rank, env.world_size)  # last: set-up draws no more
 
-    stop = StopRequest()  # from here on a stop signal means: checkpoint, then exit cleanly
-    final: dict[str, float] = {"step": float(start_step)}
-    try:
-        for step in range(start_step, total_steps):
-            lr = lr_at(step, cfg.optim.lr, cfg.schedule, total_steps)
-            set_lr(engine.optimizer, lr)
-            scale_before = loss_scale(engine)
-            rank_loss, grad_norm = micro_batches.step(step, window)
-            # The step guard (coatnet_scale/guard.py): the optimizer has already skipped an update
-            # whose gradients were not finite; the loss is the mean over all ranks, so every rank
-            # classifies the step the same way.
-            loss = global_mean(rank_loss, env.world_size)
-            outcome = guard.observe(loss, grad_norm, engine.was_step_applied(), scale_before)
-            if outcome == "applied" and stats_ema is not None:
-                stats_ema.update(engine.module)
-            elif outcome == "nonfinite":
-                logger.message(
-                    f"step {step + 1}: non-finite loss {loss} or gradient norm {grad_norm}: "
-                    "update skipped on every rank"
-                )
-                guard.check()
-            logger.advance()
-            done, last = step + 1, step + 1 == total_steps
-            final["step"] = float(done)
-            if done % cfg.logging.log_every == 0 or last:
-                grad = float("nan") if grad_norm is None else grad_norm
-                metrics = {"loss": loss, "lr": lr, "grad_norm": grad}
-                metrics |= training_metrics(engine, window, guard, train_loader)
-                logger.log(done, metrics)
-                final |= metrics
-                train_loader.bad_summary()
-                window.reset()
-            every = cfg.train.eval_every
-            if eval_loader is not None and (last or (every and done % every == 0)):
-                result = validation(engine, eval_loader, micro_batches.normalizer, stats_ema)
-                window.pause("eval", result["eval_s"])
-                logger.log(done, result)
-                logger.message(
-                    f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-                )
-                final |= result
-            save_now, signum = checkpoints.decide(done, stop)
-            if last or save_now or signum:
-                seconds = checkpoints.save(done, final=bool(last or signum))
-                window.pause("checkpoint", seconds)
-                logger.log(done, {"checkpoint_s": seconds})
-            if signum and not last:
-                if env.is_main:
-                    record_stop(run_dir, signal.Signals(signum), stop.received_at, done)
-                logger.message(
-                    f"stop requested ({signal.Signals(signum).name}): stopped after step {done} "
-                    "with a checkpoint; the same command resumes"
-                )
-                final["stopped"] = 1.0
-                break
-        checkpoints.finish()  # the last checkpoint is committed before the run ends or stops
-    finally:
-        checkpoints.settle()
-        stop.close()
-    logger.close()
-    dist.barrier()
+        stop = StopRequest()  # from here on a stop signal means: checkpoint, then exit cleanly
+        final: dict[str, float] = {"step": float(start_step)}
+        try:
+            for step in range(start_step, total_steps):
+                lr = lr_at(step, cfg.optim.lr, cfg.schedule, total_steps)
+                set_lr(engine.optimizer, lr)
+                scale_before = loss_scale(engine)
+                rank_loss, grad_norm = micro_batches.step(step, window)
+                # The step guard (coatnet_scale/guard.py): the optimizer has already skipped
+                # an update whose gradients were not finite; the loss is the mean over all
+                # ranks, so every rank classifies the step the same way.
+                heartbeat.enter("collective")
+                loss = global_mean(rank_loss, env.world_size)
+                outcome = guard.observe(loss, grad_norm, engine.was_step_applied(), scale_before)
+                if outcome == "applied" and stats_ema is not None:
+                    stats_ema.update(engine.module)
+                elif outcome == "nonfinite":
+                    logger.message(
+                        f"step {step + 1}: non-finite loss {loss} or gradient norm {grad_norm}: "
+                        "update skipped on every rank"
+                    )
+                    guard.check()
+                logger.advance()
+                done, last = step + 1, step + 1 == total_steps
+                final["step"] = float(done)
+                if done % cfg.logging.log_every == 0 or last:
+                    grad = float("nan") if grad_norm is None else grad_norm
+                    metrics = {"loss": loss, "lr": lr, "grad_norm": grad}
+                    metrics |= training_metrics(engine, window, guard, train_loader)
+                    logger.log(done, metrics)
+                    final |= metrics
+                    train_loader.bad_summary()
+                    window.reset()
+                every = cfg.train.eval_every
+                if eval_loader is not None and (last or (every and done % every == 0)):
+                    result = validation(
+                        engine, eval_loader, micro_batches.normalizer, stats_ema, heartbeat
+                    )
+                    window.pause("eval", result["eval_s"])
+                    logger.log(done, result)
+                    logger.message(
+                        f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+                    )
+                    final |= result
+                heartbeat.enter("collective")
+                save_now, signum = checkpoints.decide(done, stop)
+                if last or save_now or signum:
+                    heartbeat.enter("checkpoint")
+                    seconds = checkpoints.save(done, final=bool(last or signum))
+                    window.pause("checkpoint", seconds)
+                    logger.log(done, {"checkpoint_s": seconds})
+                if signum and not last:
+                    if env.is_main:
+                        record_stop(run_dir, signal.Signals(signum), stop.received_at, done)
+                    logger.message(
+                        f"stop requested ({signal.Signals(signum).name}): stopped after step "
+                        f"{done} with a checkpoint; the same command resumes"
+                    )
+                    final["stopped"] = 1.0
+                    break
+            heartbeat.enter("checkpoint")
+            checkpoints.finish()  # the last checkpoint is committed before the run ends or stops
+        finally:
+            checkpoints.settle()
+            stop.close()
+        logger.close()
+        heartbeat.enter("collective")
+        dist.barrier()
     return final

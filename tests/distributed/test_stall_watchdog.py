@@ -1,0 +1,106 @@
+"""A stalled rank ends the job, named, with every rank's stacks: SIGSTOP one of two DeepSpeed
+ranks mid-run; the launcher exits with code 7 well before the collective timeout, one line names
+the rank, its host and its phase, RUN/stall/ holds both ranks' stacks (the stopped one's taken
+from outside with py-spy) and RUN/exit_reason.json names the rank for the SLURM supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from coatnet_scale.exits import EXIT_STALLED
+from tests.data.conftest import shard_set
+from tests.distributed.test_checkpoint_faults import rank_pids
+from tests.distributed.test_training_2ranks import BIN, REPO
+from tests.processes import stop_tree
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STALL_S = 30
+
+
+def logged_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in lines if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def heard_phase(run: Path, rank: int) -> str | None:
+    """The phase rank `rank`'s heartbeat file last reported (written every few seconds)."""
+    try:
+        return json.loads((run / "heartbeat" / f"rank-{rank:05d}.json").read_text())["phase"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_a_stopped_rank_ends_the_job_named_with_every_ranks_stacks(tmp_path) -> None:
+    data = shard_set(tmp_path, [20, 12])
+    run = tmp_path / "run"
+    args = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "launch/pretrain.py",
+        "--model",
+        "coatnet_debug",
+        "--config",
+        "configs/debug.yaml",
+        f"data.train_shards={data}",
+        "model.image_size=32",
+        "model.num_classes=3",
+        "precision.dtype=fp32",
+        "train.total_steps=100000",
+        "train.eval_every=0",
+        "logging.log_every=1",
+        "checkpoint.every_steps=0",
+        "checkpoint.every_minutes=0",
+        f"distributed.stall_timeout_s={STALL_S}",
+        f"train.run_dir={run}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while logged_step(run) < 3 or heard_phase(run, 1) in (None, "setup"):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the run did not reach step 3"
+            time.sleep(0.5)
+        stopped_pid = rank_pids(run)[1]
+        os.kill(stopped_pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        out, _ = proc.communicate(timeout=STALL_S + 120)
+        took = time.monotonic() - stopped_at
+    finally:
+        stop_tree(proc)
+    assert proc.returncode == EXIT_STALLED, out[-3000:]
+    # DeepSpeed's launcher ends the other rank on the first non-zero exit (up to 30 s for the
+    # stopped one, which only SIGKILL reaches); the collective timeout would have been 30 min.
+    assert took < STALL_S + 60, (took, out[-3000:])
+    host = socket.gethostname()
+    named = [line for line in out.splitlines() if "stall: rank 1 " in line]
+    assert named, out[-3000:]
+    assert f"host {host}, pid {stopped_pid}" in named[0] and "phase '" in named[0], named[0]
+    stall = run / "stall"
+    report = json.loads((stall / "report.json").read_text())
+    assert (report["rank"], report["pid"], report["frozen"]) == (1, stopped_pid, True)
+    # stopped mid-run: its last heartbeat was a training phase
+    assert report["phase"] in ("data", "forward", "backward", "optimizer", "collective")
+    own = (stall / "stacks-rank-00000.txt").read_text()
+    assert "coatnet-watchdog" in own or "Thread" in own, own[:2000]
+    assert "train.py" in own, own[:2000]  # rank 0's training thread, waiting for rank 1
+    theirs = (stall / "stacks-rank-00001.txt").read_text()
+    assert f"py-spy dump of pid {stopped_pid}" in theirs and "train.py" in theirs, theirs[:2000]
+    reason = json.loads((run / "exit_reason.json").read_text())
+    assert (reason["code"], reason["rank"], reason["host"]) == (EXIT_STALLED, 1, host)
