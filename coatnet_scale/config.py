@@ -354,12 +354,50 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class SpikeConfig:
+    """Loss-spike rollback (coatnet_scale/spikes.py): a spike sends the run back to its last
+    in-memory snapshot, skips the samples of the step that spiked, and lowers the LR for a while.
+    Off by default (the demo); the recipes turn it on."""
+
+    rollback: bool = option(False, "roll back past loss spikes (else they are trained through)")
+    loss_mads: float = option(
+        6.0, "a spike: a loss above the median + this many MADs of the recent losses"
+    )
+    grad_factor: float = option(
+        10.0, "a spike: a gradient norm above this multiple of the recent median"
+    )
+    window: int = option(200, "recent steps the median and MAD are taken over")
+    min_history: int = option(20, "steps observed before spikes are looked for")
+    snapshot_every: int = option(
+        50, "steps between in-memory snapshots (the state a rollback returns to)"
+    )
+    cooldown_steps: int = option(100, "steps at the lowered LR after a rollback")
+    cooldown_factor: float = option(0.1, "the LR multiplier during the cooldown")
+    rampup_steps: int = option(100, "steps over which the LR returns to the schedule afterwards")
+
+    def validate(self) -> None:
+        for key in ("window", "min_history", "snapshot_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("cooldown_steps", "rampup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.loss_mads <= 0 or self.grad_factor <= 1:
+            raise ConfigError("loss_mads", "loss_mads must be > 0 and grad_factor > 1")
+        if not 0 < self.cooldown_factor <= 1:
+            raise ConfigError("cooldown_factor", f"must be in (0, 1], got {self.cooldown_factor}")
+        if self.min_history > self.window:
+            raise ConfigError("min_history", f"must be <= window ({self.window})")
+
+
+@dataclass(frozen=True)
 class Config:
     """The root of the config tree."""
 
     model: ModelConfig = section(ModelConfig, "the network")
     data: DataConfig = section(DataConfig, "input pipeline")
     train: TrainConfig = section(TrainConfig, "the training loop")
+    spike: SpikeConfig = section(SpikeConfig, "loss-spike rollback")
     optim: OptimConfig = section(OptimConfig, "optimizer")
     schedule: ScheduleConfig = section(ScheduleConfig, "learning-rate schedule")
     precision: PrecisionConfig = section(PrecisionConfig, "mixed precision")

@@ -217,6 +217,17 @@ class RunLogger:
             shown = {k: metrics[k] for k in ("loss", "lr", "img_per_s", "val_top1") if k in metrics}
             self.progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
+    def rewind(self, step: int) -> None:
+        """Training went back to `step` (a loss-spike rollback): later records move aside as
+        after a resume (`rewind_metrics`), and the progress bar goes back. wandb keeps the first
+        pass: it accepts no step below one it has."""
+        if not self.is_main:
+            return
+        rewind_metrics(self.metrics_path, step)
+        if self.progress is not None:
+            self.progress.n = step
+            self.progress.refresh()
+
     def advance(self, steps: int = 1) -> None:
         if self.progress is not None:
             self.progress.update(steps)

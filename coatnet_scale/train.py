@@ -72,6 +72,7 @@ from coatnet_scale.optim import GuardedAdamW, lr_at, set_lr
 from coatnet_scale.plan.hardware import device_peak_flops
 from coatnet_scale.run_folder import run_folder
 from coatnet_scale.seeding import seed_weights
+from coatnet_scale.spikes import SpikeRollback, read_rollbacks
 from coatnet_scale.stop import STOP_FILE, StopRequest
 from coatnet_scale.watchdog import Heartbeat, Watchdog
 
@@ -168,16 +169,23 @@ class MicroBatches:
         )
         # fp32 ZeRO-0: the engine drives our optimizer directly and reports no gradient norm
         self.own_norm = isinstance(engine.optimizer, GuardedAdamW)
+        self.keys: list[str] = []  # the samples of the last step (named when it spikes)
+
+    def restart(self) -> None:
+        """Read from the loader's position again (after a rollback moved it)."""
+        self.batches = iter(self.loader)
 
     def step(self, step: int, window: ThroughputWindow) -> tuple[torch.Tensor, float | None]:
         """Run one optimizer step; returns this rank's mean loss and the gradient norm."""
         engine, device, train = self.engine, self.engine.device, self.cfg.train
         losses, own_norm, beat = [], None, self.heartbeat.enter
+        self.keys = []
         for micro in range(self.plan.accumulation):
             beat("data", step)
             wait_start = time.perf_counter()
             batch = next(self.batches)
             window.data_wait += time.perf_counter() - wait_start
+            self.keys += [key for key in batch["key"] if key]
             crops, valid, labels, refused = gpu_decode.decode_batch(
                 batch, device, self.cfg.data.train_interpolation
             )
@@ -524,16 +532,31 @@ def run_in(
     window = ThroughputWindow(
         6 * total_macs(cfg.model), peak_flops(cfg, engine.device, env.world_size)
     )
+    spikes = SpikeRollback(
+        cfg.spike,
+        run_dir,
+        env.is_main,
+        engine,
+        train_loader,
+        stats_ema,
+        guard,
+        from_rank0(read_rollbacks(run_dir) if env.is_main else None),
+    )
+    train_loader.skip([r.slots for r in spikes.rollbacks])  # a resume skips them too
     with watching(heartbeat, run_dir, env, cfg.distributed.stall_after_s):
         resume.restore_rng(cfg.train.seed, env.rank, env.world_size)  # last: set-up draws no more
+        if spikes.keep_due(start_step):
+            spikes.keep(start_step)
 
         stop = StopRequest()  # from here on a stop signal means: checkpoint, then exit cleanly
         final: dict[str, float] = {"step": float(start_step)}
+        step = start_step
         try:
-            for step in range(start_step, total_steps):
-                lr = lr_at(step, cfg.optim.lr, cfg.schedule, total_steps)
+            while step < total_steps:
+                lr = lr_at(step, cfg.optim.lr, cfg.schedule, total_steps) * spikes.lr_factor(step)
                 set_lr(engine.optimizer, lr)
                 scale_before = loss_scale(engine)
+                first_slot = train_loader.samples_consumed
                 rank_loss, grad_norm = micro_batches.step(step, window)
                 # The step guard (coatnet_scale/guard.py): the optimizer has already skipped
                 # an update whose gradients were not finite; the loss is the mean over all
@@ -541,8 +564,25 @@ def run_in(
                 heartbeat.enter("collective")
                 loss = global_mean(rank_loss, env.world_size)
                 outcome = guard.observe(loss, grad_norm, engine.was_step_applied(), scale_before)
-                if outcome == "applied" and stats_ema is not None:
-                    stats_ema.update(engine.module)
+                done, last = step + 1, step + 1 == total_steps
+                if outcome == "applied":
+                    rollback = spikes.check(
+                        done,
+                        loss,
+                        grad_norm,
+                        (first_slot, first_slot + plan.global_batch),
+                        lambda: [k for keys in gather(micro_batches.keys) for k in keys],
+                    )
+                    if rollback is not None:
+                        logger.message(spikes.describe(rollback))
+                        spike = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "rolled_back": 1}
+                        logger.log(done, spike)  # moved aside with the steps rolled back
+                        logger.rewind(rollback.to_step)
+                        micro_batches.restart()
+                        step = rollback.to_step
+                        continue
+                    if stats_ema is not None:
+                        stats_ema.update(engine.module)
                 elif outcome == "nonfinite":
                     logger.message(
                         f"step {step + 1}: non-finite loss {loss} or gradient norm {grad_norm}: "
@@ -550,7 +590,6 @@ def run_in(
                     )
                     guard.check()
                 logger.advance()
-                done, last = step + 1, step + 1 == total_steps
                 final["step"] = float(done)
                 if done % cfg.logging.log_every == 0 or last:
                     grad = float("nan") if grad_norm is None else grad_norm
@@ -587,11 +626,15 @@ def run_in(
                     )
                     final["stopped"] = 1.0
                     break
+                if spikes.keep_due(done):
+                    spikes.keep(done)
+                step = done
             heartbeat.enter("checkpoint")
             checkpoints.finish()  # the last checkpoint is committed before the run ends or stops
         finally:
             checkpoints.settle()
             stop.close()
+            spikes.close()
         logger.close()
         heartbeat.enter("collective")
         dist.barrier()

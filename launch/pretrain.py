@@ -26,6 +26,7 @@ from coatnet_scale.exits import (
     EXIT_FOLDER_BUSY,
     EXIT_NONFINITE,
     EXIT_SETUP,
+    EXIT_SPIKES,
     EXIT_STOPPED,
     record_exit,
 )
@@ -113,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     from coatnet_scale.guard import NonFiniteError
     from coatnet_scale.lease import RunFolderBusy, may_write
     from coatnet_scale.run_folder import run_folder
+    from coatnet_scale.spikes import SpikeError
     from coatnet_scale.train import train
 
     # Errors of the machine, the data or the run, not of the code: one line saying what to
@@ -123,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         (DataError, "data error", EXIT_DATA),
         (CheckpointError, "checkpoint error", EXIT_CHECKPOINT),
         (NonFiniteError, "non-finite steps", EXIT_NONFINITE),
+        (SpikeError, "loss spike", EXIT_SPIKES),
     )
     try:
         return train(cfg)

@@ -404,3 +404,16 @@ class BatchPlan:
             + a * self.micro_batch
         )
         return range(first, first + self.micro_batch)
+
+
+def step_start(
+    position: int, steps: int, global_batch: int, skipped: Sequence[tuple[int, int]] = ()
+) -> int:
+    """The first slot of the `steps`-th step after the step starting at slot `position`: steps
+    take `global_batch` consecutive slots and jump over `skipped` ranges (whole steps' slots, as
+    a loss-spike rollback skips them; sorted). Ranges before `position` are behind the run."""
+    slot = position + steps * global_batch
+    for first, end in sorted(skipped):
+        if first >= position and slot >= first:
+            slot += end - first
+    return slot

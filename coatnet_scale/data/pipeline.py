@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from coatnet_scale.config import DataConfig
-from coatnet_scale.data.order import BatchPlan, SampleOrder, choose_order
+from coatnet_scale.data.order import BatchPlan, SampleOrder, choose_order, step_start
 from coatnet_scale.data.reader import (
     DATA_ERRORS,
     INDEX_BUDGET,
@@ -120,10 +120,11 @@ class TrainStream(IterableDataset):
         start: int,
         augment: TrainAugment,
         device_decode: bool = False,
+        skipped: Sequence[tuple[int, int]] = (),
     ) -> None:
         super().__init__()
         self.manifests, self.order, self.plan, self.start = list(manifests), order, plan, start
-        self.augment, self.device_decode = augment, device_decode
+        self.augment, self.device_decode, self.skipped = augment, device_decode, list(skipped)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -133,8 +134,11 @@ class TrainStream(IterableDataset):
         budget = None if "global" in self.order.orders else INDEX_BUDGET
         reader = ShardReader(self.manifests, budget)
         micro = worker
+        accumulation = self.plan.accumulation
         while True:
-            slots = self.plan.micro_slots(self.start, micro)
+            step, index = divmod(micro, accumulation)
+            first = step_start(self.start, step, self.plan.global_batch, self.skipped)
+            slots = self.plan.micro_slots(first, index)
             items, bad, draws = [], [], []
             for slot in slots:
                 item, reason, drawn = self._sample(reader, slot)
@@ -209,6 +213,7 @@ class TrainLoader:
         self._use_orders([c.order for c in choices])
         self.fingerprint = ",".join(m.fingerprint() for m in manifests) + f";{list(weights)}"
         self.start = 0
+        self.skipped: list[tuple[int, int]] = []  # slot ranges a loss-spike rollback skips
         self.micro_batches_consumed = 0
         self.samples_seen = 0
         self.bad_samples = 0
@@ -230,7 +235,7 @@ class TrainLoader:
     def samples_consumed(self) -> int:
         """Slots consumed by completed optimizer steps (all ranks together)."""
         steps = self.micro_batches_consumed // self.plan.accumulation
-        return self.start + steps * self.plan.global_batch
+        return step_start(self.start, steps, self.plan.global_batch, self.skipped)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -247,6 +252,7 @@ class TrainLoader:
             "mode": self.mode,
             "order": self.order_key,
             "fingerprint": self.fingerprint,
+            "skipped": [list(r) for r in self.skipped],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -284,11 +290,22 @@ class TrainLoader:
                 "an exact resume is impossible; restore the data or start a new run"
             )
         self.start = int(state["samples_consumed"])
+        self.skipped = [(int(a), int(b)) for a, b in state.get("skipped", [])]
         self.micro_batches_consumed = 0
+
+    def skip(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Never read these slot ranges (whole steps') from here on; before iterating."""
+        self.skipped = sorted(set(self.skipped) | {(int(a), int(b)) for a, b in ranges})
 
     def __iter__(self) -> Iterator[dict]:
         stream = TrainStream(
-            self.manifests, self.order, self.plan, self.start, self.augment, self.device_decode
+            self.manifests,
+            self.order,
+            self.plan,
+            self.start,
+            self.augment,
+            self.device_decode,
+            self.skipped,
         )
         loader = DataLoader(
             stream,

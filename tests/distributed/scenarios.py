@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import coatnet_scale.train as training
 from coatnet_scale.cli import config_parser, parse_config_args
+from coatnet_scale.data.batch_augment import BatchAugment
 from coatnet_scale.distributed.engine import (
     build_sharded_model,
     init_process_group,
@@ -22,6 +23,7 @@ from coatnet_scale.distributed.engine import (
 )
 from coatnet_scale.distributed.env import dist_env
 from coatnet_scale.optim import param_groups
+from coatnet_scale.spikes import ROLLBACKS_FILE
 
 STEPS = 4
 SCENARIOS = {
@@ -88,7 +90,31 @@ SCENARIOS = {
         "activation_checkpointing.policy=stages",
         "activation_checkpointing.stages=[s1,s3]",
     ],
+    # loss-spike rollback: two samples of step 10 with a 1e4 times larger loss
+    # (`plant_bad_samples`); _a rolls back past them, _b is told up front (it starts with _a's
+    # RUN/rollbacks.json): ZeRO-0 fp32 (our optimizer), ZeRO-2 fp32, ZeRO-3 bf16, with the EMA
+    **{
+        f"{name}_{run}": [
+            f"zero.stage={stage}",
+            f"precision.dtype={dtype}",
+            "train.total_steps=14",
+            "train.ema_decay=0.9",
+            "spike.rollback=true",
+            "spike.window=20",
+            "spike.min_history=5",
+            "spike.snapshot_every=4",
+            "spike.cooldown_steps=3",
+            "spike.rampup_steps=2",
+        ]
+        for name, stage, dtype in (
+            ("spike0", 0, "fp32"),
+            ("spike2", 2, "fp32"),
+            ("spike3", 3, "bf16"),
+        )
+        for run in ("a", "b")
+    },
 }
+BAD_SLOTS = (74, 77)  # of step 10 (slots 72-79 at global batch 8)
 
 
 def debug_run(data: str, run_dir: Path, steps: int, micro_batch: int) -> list[str]:
@@ -124,6 +150,22 @@ def inject_nan_on_rank1_at_step(step_to_poison: int) -> None:
         return loss
 
     training.classification_loss = poisoned
+
+
+def plant_bad_samples(slots: tuple[int, ...]) -> None:
+    """A test-only fault: the targets of these slots are scaled by 1e4, so their loss (and its
+    gradient) is 1e4 times a normal one, as a corrupted record's would be. Scaled pixels do not
+    make this model spike (measured: the loss stayed at 1.15 with pixels x1e4): its BatchNorm
+    and its head's LayerNorm normalise them away."""
+    original = BatchAugment.__call__
+
+    def scaled(self, crops, augment, mix, slot, labels, valid):
+        images, targets = original(self, crops, augment, mix, slot, labels, valid)
+        bad = torch.isin(slot, torch.tensor(slots)).to(targets.device)
+        targets[bad] = targets[bad] * 1e4
+        return images, targets
+
+    BatchAugment.__call__ = scaled
 
 
 def freeze_batchnorm_statistics() -> None:
@@ -202,10 +244,13 @@ def main() -> None:
     out, names, data = Path(args[0]), args[1].split(","), args[2]
     record_weight_decay_groups(out, data)
     record_gradient_accumulation(out, data)
-    originals = (training.build_engine, training.classification_loss)
+    originals = (training.build_engine, training.classification_loss, BatchAugment.__call__)
     for name in names:
-        training.build_engine, training.classification_loss = originals  # undo earlier patches
-        run = out / name.removesuffix("_a").removesuffix("_b")  # _a and _b share a run
+        # undo earlier patches
+        training.build_engine, training.classification_loss, BatchAugment.__call__ = originals
+        run = out / name
+        if name.startswith("ema_late"):
+            run = out / name.removesuffix("_a").removesuffix("_b")  # _a and _b share a run
         overrides = [*debug_run(data, run, STEPS, micro_batch=4), *SCENARIOS[name]]
         cfg, _ = parse_config_args(["--model", "coatnet_debug", *overrides], config_parser("t"))
         if name.startswith("nan"):
@@ -214,6 +259,12 @@ def main() -> None:
             zero_gradients()
         if name.startswith("ga"):
             freeze_batchnorm_statistics()
+        if name.startswith("spike"):
+            plant_bad_samples(BAD_SLOTS)
+            if name.endswith("_b") and dist.get_rank() == 0:  # told up front
+                run.mkdir(parents=True, exist_ok=True)
+                told = (out / name.replace("_b", "_a") / ROLLBACKS_FILE).read_text()
+                (run / ROLLBACKS_FILE).write_text(told)
         final = training.train(cfg)
         if dist.get_rank() == 0:
             metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().split("\n") if x]

@@ -1,6 +1,6 @@
 """Two CPU ranks (DeepSpeed launcher and torchrun, gloo): ZeRO stages agree, gradient
 accumulation and activation checkpointing agree, bf16 runs, the non-finite guard skips together,
-bad configs fail fast."""
+a loss spike rolls back exactly, bad configs fail fast."""
 
 import json
 import math
@@ -35,6 +35,7 @@ def results(tmp_path_factory) -> Path:
         "zero0 zero1 zero2 zero3 ga1x8 ga2x4 ckpt_on ckpt_off bf16 offload offload3 compile"
         " ema ema_z3 ema_bf16"
         " compile_ckpt_all compile_ckpt_stages wd_zero3 ema_late_a ema_late_b"
+        " spike0_a spike0_b spike2_a spike2_b spike3_a spike3_b"
     )
     names = names.split() + NAN_RUNS
     shm_before = deepspeed_shm_files()
@@ -386,3 +387,41 @@ def test_an_ema_started_on_resume_starts_from_the_loaded_weights(results: Path) 
             continue
         expected = w3[name].float() + 0.1 * (w4[name].float() - w3[name].float())
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["spike0", "spike2", "spike3"])
+def test_a_loss_spike_rolls_back_past_its_samples_like_a_run_told_up_front(
+    results: Path, name: str
+) -> None:
+    """Two samples of step 10 carry a 1e4 times larger loss (scenarios.plant_bad_samples). The
+    run rolls back once, to its step-8 in-memory snapshot, skips exactly step 10's slots (naming
+    their samples), cools the LR from step 9 and finishes; its weights and EMA equal, bitwise, a
+    run that started with that record and never saw the bad samples (ZeRO-0 fp32 with our
+    optimizer, ZeRO-2 fp32, ZeRO-3 bf16)."""
+    from coatnet_scale import checkpoint
+    from coatnet_scale.spikes import read_rollbacks
+
+    rolled, told = results / f"{name}_a", results / f"{name}_b"
+    [rollback] = read_rollbacks(rolled)
+    assert (rollback.spike_step, rollback.to_step, rollback.slots) == (10, 8, (72, 80))
+    assert len(rollback.keys) == 8 and rollback.reason.startswith("loss ")
+    assert read_rollbacks(told) == [rollback]  # the told run spiked nowhere
+    # the first pass of steps 9-10 moved aside; the spike's loss was thousands of times normal
+    first_pass = [json.loads(line) for line in (rolled / "metrics.rewound.jsonl").open()]
+    assert [r["step"] for r in first_pass if "loss" in r] == [9, 10]
+    assert first_pass[-1]["rolled_back"] == 1 and first_pass[-1]["loss"] > 1000
+    metrics = [json.loads(line) for line in (rolled / "metrics.jsonl").open()]
+    steps = [r["step"] for r in metrics if "loss" in r]
+    assert steps == list(range(1, 15))
+    lrs = {r["step"]: r["lr"] for r in metrics if "lr" in r}
+    assert lrs[9] == pytest.approx(0.1 * first_pass[0]["lr"])  # the cooldown from step 9
+    ckpt = checkpoint.step_name(14)
+    for use_ema in (False, True):
+        a = checkpoint.consolidated_state_dict(rolled / "checkpoints" / ckpt, use_ema=use_ema)
+        b = checkpoint.consolidated_state_dict(told / "checkpoints" / ckpt, use_ema=use_ema)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (use_ema, key)
+    state = json.loads((rolled / "checkpoints" / ckpt / "trainer_state.json").read_text())
+    assert state["data"]["skipped"] == [[72, 80]]
+    assert state["data"]["samples_consumed"] == 15 * 8  # 14 steps and the skipped one
