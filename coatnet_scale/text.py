@@ -1,4 +1,4 @@
-"""Small text helpers shared by the config parser and the SLURM node-list reader."""
+"""Small text helpers: splitting shard patterns and node lists, writing durations."""
 
 from __future__ import annotations
 
@@ -15,3 +15,12 @@ def split_outside(text: str, opening: str, closing: str) -> list[str]:
         else:
             current += char
     return [*parts, current]
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `17.5 min` or `3.25 h`: a duration at the scale it has."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"

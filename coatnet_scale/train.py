@@ -62,6 +62,7 @@ from coatnet_scale.distributed.engine import (
 from coatnet_scale.distributed.env import DistEnv, dist_env
 from coatnet_scale.ema import BufferEma, ema_applied, whole_ema_weights
 from coatnet_scale.files import atomic_write_text
+from coatnet_scale.goodput import GoodputLedger
 from coatnet_scale.guard import NonFiniteError, StepGuard, gradient_norm
 from coatnet_scale.lease import Lease, RunFolderBusy
 from coatnet_scale.logging import RunLogger, ThroughputWindow, redact
@@ -74,6 +75,7 @@ from coatnet_scale.run_folder import run_folder
 from coatnet_scale.seeding import seed_weights
 from coatnet_scale.spikes import SpikeRollback, read_rollbacks
 from coatnet_scale.stop import STOP_FILE, StopRequest
+from coatnet_scale.stragglers import DeviceForwardClock, StragglerWatch
 from coatnet_scale.watchdog import Heartbeat, Watchdog
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -152,10 +154,16 @@ class MicroBatches:
     (DeepSpeed steps the optimizer at the accumulation boundary)."""
 
     def __init__(
-        self, engine, loader: TrainLoader, plan: BatchPlan, cfg: Config, heartbeat: Heartbeat
+        self,
+        engine,
+        loader: TrainLoader,
+        plan: BatchPlan,
+        cfg: Config,
+        heartbeat: Heartbeat,
+        forward_clock: DeviceForwardClock,
     ) -> None:
         self.engine, self.plan, self.cfg, self.loader = engine, plan, cfg, loader
-        self.heartbeat = heartbeat
+        self.heartbeat, self.forward_clock = heartbeat, forward_clock
         self.batches: Iterator[dict] = iter(loader)
         self.normalizer = Normalizer(engine.device, DTYPES[cfg.precision.dtype])
         self.augment = BatchAugment(
@@ -192,6 +200,7 @@ class MicroBatches:
             if refused:
                 self.loader.count_bad(refused)
             beat("forward")
+            forward_start = self.forward_clock.start()
             images, targets = self.augment(
                 crops,
                 batch["augment"],
@@ -204,6 +213,7 @@ class MicroBatches:
             loss = classification_loss(
                 engine(images), targets, train.loss, train.label_smoothing, valid
             )
+            self.forward_clock.stop(forward_start)
             beat("backward")
             engine.backward(loss)
             if micro == self.plan.accumulation - 1 and self.own_norm:
@@ -524,14 +534,15 @@ def run_in(
         resume.wandb_run_id,
     )
     announce(logger, cfg, engine, plan, notes, start_step)
-    heartbeat = Heartbeat()
-    micro_batches = MicroBatches(engine, train_loader, plan, cfg, heartbeat)
+    heartbeat, forward_clock = Heartbeat(), DeviceForwardClock(engine.device)
+    micro_batches = MicroBatches(engine, train_loader, plan, cfg, heartbeat, forward_clock)
+    stragglers = StragglerWatch(heartbeat, forward_clock, engine.device, run_dir)
     checkpoints = Checkpointing(
         engine, cfg, run_dir, train_loader, guard, stats_ema, logger, env, lease
     )
-    window = ThroughputWindow(
-        6 * total_macs(cfg.model), peak_flops(cfg, engine.device, env.world_size)
-    )
+    peak = peak_flops(cfg, engine.device, env.world_size)
+    window = ThroughputWindow(6 * total_macs(cfg.model), peak)
+    ledger = GoodputLedger(run_dir, env.is_main, start_step, env.world_size)
     spikes = SpikeRollback(
         cfg.spike,
         run_dir,
@@ -547,6 +558,8 @@ def run_in(
         resume.restore_rng(cfg.train.seed, env.rank, env.world_size)  # last: set-up draws no more
         if spikes.keep_due(start_step):
             spikes.keep(start_step)
+            ledger.good_state(heartbeat.total_s)
+        ledger.first_step()
 
         stop = StopRequest()  # from here on a stop signal means: checkpoint, then exit cleanly
         final: dict[str, float] = {"step": float(start_step)}
@@ -578,6 +591,7 @@ def run_in(
                         spike = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "rolled_back": 1}
                         logger.log(done, spike)  # moved aside with the steps rolled back
                         logger.rewind(rollback.to_step)
+                        ledger.rolled_back(rollback.distance, heartbeat.total_s)
                         micro_batches.restart()
                         step = rollback.to_step
                         continue
@@ -595,7 +609,12 @@ def run_in(
                     grad = float("nan") if grad_norm is None else grad_norm
                     metrics = {"loss": loss, "lr": lr, "grad_norm": grad}
                     metrics |= training_metrics(engine, window, guard, train_loader)
+                    straggling, warning = stragglers.measure(window.steps)
+                    metrics |= straggling
+                    if warning:
+                        logger.message(f"WARNING: {warning}")
                     logger.log(done, metrics)
+                    ledger.update(done, heartbeat.total_s)
                     final |= metrics
                     train_loader.bad_summary()
                     window.reset()
@@ -628,9 +647,18 @@ def run_in(
                     break
                 if spikes.keep_due(done):
                     spikes.keep(done)
+                    ledger.good_state(heartbeat.total_s)
                 step = done
             heartbeat.enter("checkpoint")
             checkpoints.finish()  # the last checkpoint is committed before the run ends or stops
+            ended = "stopped" if final.get("stopped") else "finished"
+            ledger.update(int(final["step"]), heartbeat.total_s, ended)
+            line, goodput = ledger.summary(window.flops_per_image * plan.global_batch, peak)
+            logger.message(line)
+            logger.log(int(final["step"]), goodput)
+        except BaseException:
+            ledger.update(int(final["step"]), heartbeat.total_s, "failed")
+            raise
         finally:
             checkpoints.settle()
             stop.close()

@@ -62,17 +62,20 @@ def heartbeat_interval(stall_timeout_s: float) -> float:
 class Heartbeat:
     """The training thread's progress. `enter` is one tuple assignment (atomic under the GIL):
     the watchdog thread reads a consistent (beats, step, phase, since) without a lock. It also
-    adds up the time spent in each phase, for the straggler report."""
+    adds up the time spent in each phase: per log interval for the straggler report
+    (`take_phase_times`), and over the whole attempt for the goodput ledger (`total_s`)."""
 
     def __init__(self) -> None:
         self.state: tuple[int, int, str, float] = (0, 0, "setup", time.time())
         self.phase_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.total_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self._mark = time.perf_counter()
 
     def enter(self, phase: str, step: int | None = None) -> None:
         now = time.perf_counter()
         beats, old_step, old_phase, _ = self.state
         self.phase_s[old_phase] += now - self._mark
+        self.total_s[old_phase] += now - self._mark
         self._mark = now
         self.state = (beats + 1, old_step if step is None else step, phase, time.time())
 

@@ -5,6 +5,9 @@ run's progress read from its checkpoints. Rank, world and master for each task a
 
 from __future__ import annotations
 
+import re
+import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,6 +33,36 @@ def newest_step(run_dir: Path) -> int:
         if not verify(ckpt, checksums=False):
             return checkpoint_step(ckpt) or 0
     return 0
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o JOB` as a dict ({} where scontrol is missing or fails)."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def slurm_time(text: str) -> float | None:
+    """A SLURM timestamp (`2026-11-30T10:20:05`, local time) in epoch seconds."""
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def queue_wait_s(env: Mapping[str, str]) -> float | None:
+    """How long this attempt of the SLURM job waited in the queue: its StartTime minus its
+    SubmitTime (SLURM resets SubmitTime when it requeues a job); None outside SLURM."""
+    if "SLURM_JOB_ID" not in env:
+        return None
+    fields = job_fields(env["SLURM_JOB_ID"])
+    start = slurm_time(fields.get("StartTime", ""))
+    submit = slurm_time(fields.get("SubmitTime", ""))
+    return max(0.0, start - submit) if start is not None and submit is not None else None
 
 
 def hostfile(nodelist: str, slots: int) -> str:

@@ -24,10 +24,10 @@ import json
 import math
 import re
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coatnet_scale.distributed.slurm import job_fields, slurm_time
 from coatnet_scale.stop import STOP_FILE
 
 LEAD_FILE = "warning_lead.json"  # written here after an attempt stopped on the warning
@@ -67,13 +67,9 @@ def parse_duration(text: str) -> float | None:
 
 
 def job_times(job_id: str) -> JobTimes | None:
-    out = subprocess.run(
-        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True
-    ).stdout
-    fields = dict(re.findall(r"(\w+)=(\S*)", out))
-    try:
-        start = time.mktime(time.strptime(fields["StartTime"], "%Y-%m-%dT%H:%M:%S"))
-    except (KeyError, ValueError):
+    fields = job_fields(job_id)
+    start = slurm_time(fields.get("StartTime", ""))
+    if start is None:
         return None
     return JobTimes(start, parse_duration(fields.get("TimeLimit", "")))
 

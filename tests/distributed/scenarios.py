@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -114,6 +115,9 @@ SCENARIOS = {
         for run in ("a", "b")
     },
 }
+# rank 1 spends 0.2 s more per micro-batch in forward (`slow_rank1`): a straggler
+SCENARIOS["straggler"] = ["zero.stage=2", "train.total_steps=12", "logging.log_every=2"]
+SLOW_S = 0.2
 BAD_SLOTS = (74, 77)  # of step 10 (slots 72-79 at global batch 8)
 
 
@@ -166,6 +170,18 @@ def plant_bad_samples(slots: tuple[int, ...]) -> None:
         return images, targets
 
     BatchAugment.__call__ = scaled
+
+
+def slow_rank1(seconds: float) -> None:
+    """Rank 1's forward phase takes `seconds` longer per micro-batch (a slow GPU)."""
+    original = BatchAugment.__call__
+
+    def slowed(self, *args):
+        if dist.get_rank() == 1:
+            time.sleep(seconds)
+        return original(self, *args)
+
+    BatchAugment.__call__ = slowed
 
 
 def freeze_batchnorm_statistics() -> None:
@@ -259,6 +275,8 @@ def main() -> None:
             zero_gradients()
         if name.startswith("ga"):
             freeze_batchnorm_statistics()
+        if name == "straggler":
+            slow_rank1(SLOW_S)
         if name.startswith("spike"):
             plant_bad_samples(BAD_SLOTS)
             if name.endswith("_b") and dist.get_rank() == 0:  # told up front

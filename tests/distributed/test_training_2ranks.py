@@ -35,7 +35,7 @@ def results(tmp_path_factory) -> Path:
         "zero0 zero1 zero2 zero3 ga1x8 ga2x4 ckpt_on ckpt_off bf16 offload offload3 compile"
         " ema ema_z3 ema_bf16"
         " compile_ckpt_all compile_ckpt_stages wd_zero3 ema_late_a ema_late_b"
-        " spike0_a spike0_b spike2_a spike2_b spike3_a spike3_b"
+        " spike0_a spike0_b spike2_a spike2_b spike3_a spike3_b straggler"
     )
     names = names.split() + NAN_RUNS
     shm_before = deepspeed_shm_files()
@@ -425,3 +425,25 @@ def test_a_loss_spike_rolls_back_past_its_samples_like_a_run_told_up_front(
     state = json.loads((rolled / "checkpoints" / ckpt / "trainer_state.json").read_text())
     assert state["data"]["skipped"] == [[72, 80]]
     assert state["data"]["samples_consumed"] == 15 * 8  # 14 steps and the skipped one
+
+
+def test_a_slow_rank_is_named_with_its_skew(results: Path) -> None:
+    """Rank 1's forward takes 0.2 s longer per micro-batch (scenarios.slow_rank1): every log
+    interval names it the slowest, with a skew near 0.2 s per step (one micro-batch per step)
+    and rank 0 waiting for it in the collective; after three intervals in a row a warning names
+    it and its host, in RUN/stragglers.jsonl."""
+    from coatnet_scale.stragglers import STRAGGLERS_FILE
+    from tests.distributed.scenarios import SLOW_S
+
+    run = results / "straggler"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    intervals = [r for r in records if "straggler_rank" in r]
+    assert [r["step"] for r in intervals] == [2, 4, 6, 8, 10, 12]
+    for r in intervals:
+        assert r["straggler_rank"] == 1, r
+        assert 0.5 * SLOW_S < r["straggler_skew_s"] < 2 * SLOW_S, r
+        assert r["collective_wait_mean_s"] == pytest.approx(r["straggler_skew_s"] / 2)
+    warnings = [json.loads(line) for line in (run / STRAGGLERS_FILE).open()]
+    assert [w["rank"] for w in warnings] == [1, 1]  # after 3 intervals, again after 6
+    assert "straggler: rank 1 (host " in warnings[0]["warning"]
+    assert len(warnings[0]["ranks"]) == 2

@@ -1,11 +1,14 @@
-"""Which rank the stall watchdog names (coatnet_scale/watchdog.py), and the heartbeat's phase
-clock the straggler report adds up."""
+"""Which rank the stall watchdog names (coatnet_scale/watchdog.py), the heartbeat's phase
+clock, and which rank the straggler report names (coatnet_scale/stragglers.py)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import pytest
+
+from coatnet_scale.stragglers import StragglerWatch
 from coatnet_scale.watchdog import Beat, Heartbeat, Seen, find_stall, heartbeat_interval
 
 
@@ -75,3 +78,33 @@ def test_the_heartbeat_adds_up_time_per_phase() -> None:
 
 def test_heartbeats_are_written_six_times_per_timeout_at_most_every_30_s() -> None:
     assert heartbeat_interval(30) == 5 and heartbeat_interval(600) == 30
+
+
+def watch(hosts: list[str]) -> StragglerWatch:
+    """The judging half of StragglerWatch, without a process group."""
+    w = StragglerWatch.__new__(StragglerWatch)
+    w.streak, w.rank, w.hosts, w.run_dir = (-1, 0), 1, hosts, Path("/nonexistent")
+    return w
+
+
+def test_the_straggler_is_the_rank_that_arrives_last_and_is_named_after_three_intervals() -> None:
+    # (step s, data wait s, forward s) per rank: rank 2 reads its data 0.3 s late
+    table = [[1.0, 0.01, 0.5], [1.0, 0.02, 0.52], [1.0, 0.31, 0.5], [1.0, 0.01, 0.49]]
+    w = watch(["a", "b", "c", "d"])
+    results = [w.judge(table) for _ in range(6)]
+    metrics = results[0][0]
+    assert metrics["straggler_rank"] == 2
+    assert metrics["straggler_skew_s"] == pytest.approx(0.3, abs=1e-6)  # vs the others' median
+    assert metrics["data_wait_max_s"] == 0.31
+    assert metrics["collective_wait_mean_s"] == pytest.approx((0.3 + 0.27 + 0 + 0.31) / 4)
+    warned = [warning for _, warning in results]
+    assert warned[:2] == [None, None] and warned[3:5] == [None, None]
+    assert "rank 2 (host c)" in warned[2] and "data wait 0.310 s" in warned[2]
+    assert warned[5] is not None  # again every three intervals while it lasts
+
+
+def test_a_skew_under_five_percent_of_the_step_is_no_straggler() -> None:
+    table = [[1.0, 0.01, 0.5], [1.0, 0.01, 0.54]]
+    w = watch(["a", "b"])
+    assert all(w.judge(table)[1] is None for _ in range(5))
+    assert w.judge(table)[0]["straggler_rank"] == 1
