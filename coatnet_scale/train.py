@@ -1,12 +1,14 @@
 """train(cfg): the pretraining loop, readable top to bottom.
 
 Set-up (device and process group, run folder, data, model, engine, EMA, logging), then one loop
-over optimizer steps: data -> forward/backward per micro-batch -> step -> step guard -> log ->
-eval -> checkpoint. Everything configurable comes from the frozen config tree; runtime facts (rank,
-world size, device) live in `DistEnv`, the device binding and local variables, never in the config.
-Every tensor the loop makes lives on the engine's device, the one this rank bound before the
-process group started (`distributed/device.py`).
-"""
+over optimizer steps (`TrainingLoop`): data -> forward/backward per micro-batch -> step -> step
+guard and spike check -> log -> eval -> checkpoint. Everything configurable comes from the
+frozen config tree; runtime facts (rank, world size, device) live in `DistEnv`, the device
+binding and local variables, never in the config. Every tensor the loop makes lives on the
+engine's device, the one this rank bound before the process group started
+(`distributed/device.py`). Around the loop: the stall watchdog (`watchdog.py`), the straggler
+report (`stragglers.py`), loss-spike rollback (`spikes.py`) and the goodput ledger
+(`goodput.py`)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import secrets
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,7 +77,7 @@ from coatnet_scale.optim import GuardedAdamW, lr_at, set_lr
 from coatnet_scale.plan.hardware import device_peak_flops
 from coatnet_scale.run_folder import run_folder
 from coatnet_scale.seeding import seed_weights
-from coatnet_scale.spikes import SpikeRollback, read_rollbacks
+from coatnet_scale.spikes import Rollback, SpikeRollback, read_rollbacks
 from coatnet_scale.stop import STOP_FILE, StopRequest
 from coatnet_scale.stragglers import DeviceForwardClock, StragglerWatch
 from coatnet_scale.watchdog import Heartbeat, Watchdog
@@ -535,135 +539,210 @@ def run_in(
     )
     announce(logger, cfg, engine, plan, notes, start_step)
     heartbeat, forward_clock = Heartbeat(), DeviceForwardClock(engine.device)
-    micro_batches = MicroBatches(engine, train_loader, plan, cfg, heartbeat, forward_clock)
-    stragglers = StragglerWatch(heartbeat, forward_clock, engine.device, run_dir)
-    checkpoints = Checkpointing(
-        engine, cfg, run_dir, train_loader, guard, stats_ema, logger, env, lease
-    )
-    peak = peak_flops(cfg, engine.device, env.world_size)
-    window = ThroughputWindow(6 * total_macs(cfg.model), peak)
-    ledger = GoodputLedger(run_dir, env.is_main, start_step, env.world_size)
-    spikes = SpikeRollback(
-        cfg.spike,
+    loop = TrainingLoop(
+        cfg,
+        env,
         run_dir,
-        env.is_main,
         engine,
+        plan,
         train_loader,
-        stats_ema,
+        eval_loader,
+        MicroBatches(engine, train_loader, plan, cfg, heartbeat, forward_clock),
         guard,
-        from_rank0(read_rollbacks(run_dir) if env.is_main else None),
+        stats_ema,
+        logger,
+        heartbeat,
+        StragglerWatch(heartbeat, forward_clock, engine.device, run_dir),
+        Checkpointing(engine, cfg, run_dir, train_loader, guard, stats_ema, logger, env, lease),
+        SpikeRollback(
+            cfg.spike,
+            run_dir,
+            env.is_main,
+            engine,
+            train_loader,
+            stats_ema,
+            guard,
+            from_rank0(read_rollbacks(run_dir) if env.is_main else None),
+        ),
+        GoodputLedger(run_dir, env.is_main, start_step, env.world_size),
+        ThroughputWindow(6 * total_macs(cfg.model), peak_flops(cfg, engine.device, env.world_size)),
     )
-    train_loader.skip([r.slots for r in spikes.rollbacks])  # a resume skips them too
+    train_loader.skip([r.slots for r in loop.spikes.rollbacks])  # a resume skips them too
     with watching(heartbeat, run_dir, env, cfg.distributed.stall_after_s):
         resume.restore_rng(cfg.train.seed, env.rank, env.world_size)  # last: set-up draws no more
-        if spikes.keep_due(start_step):
-            spikes.keep(start_step)
-            ledger.good_state(heartbeat.total_s)
-        ledger.first_step()
+        final = loop.run(start_step)
+        logger.close()
+        heartbeat.enter("collective")
+        dist.barrier()
+    return final
 
+
+@dataclass
+class TrainingLoop:
+    """The loop over optimizer steps and what happens between them, one method each: the step
+    (`train_step`), a loss-spike rollback (`roll_back`), the log interval (`log`), evaluation
+    (`evaluate`), checkpoints and stop signals (`checkpoint`), and the attempt's end (`end`).
+    Built once by `run_in` from the parts it set up; it owns none of them."""
+
+    cfg: Config
+    env: DistEnv
+    run_dir: Path
+    engine: Any
+    plan: BatchPlan
+    loader: TrainLoader
+    eval_loader: Any
+    micro_batches: MicroBatches
+    guard: StepGuard
+    stats_ema: BufferEma | None
+    logger: RunLogger
+    heartbeat: Heartbeat
+    stragglers: StragglerWatch
+    checkpoints: Checkpointing
+    spikes: SpikeRollback
+    ledger: GoodputLedger
+    window: ThroughputWindow
+
+    def run(self, start_step: int) -> dict[str, float]:
+        """Train from `start_step` to `train.total_steps` (or a stop signal); the final metrics."""
+        total_steps = self.cfg.train.total_steps
+        if self.spikes.keep_due(start_step):
+            self.keep_good_state(start_step)
+        self.ledger.first_step()
         stop = StopRequest()  # from here on a stop signal means: checkpoint, then exit cleanly
         final: dict[str, float] = {"step": float(start_step)}
         step = start_step
         try:
             while step < total_steps:
-                lr = lr_at(step, cfg.optim.lr, cfg.schedule, total_steps) * spikes.lr_factor(step)
-                set_lr(engine.optimizer, lr)
-                scale_before = loss_scale(engine)
-                first_slot = train_loader.samples_consumed
-                rank_loss, grad_norm = micro_batches.step(step, window)
-                # The step guard (coatnet_scale/guard.py): the optimizer has already skipped
-                # an update whose gradients were not finite; the loss is the mean over all
-                # ranks, so every rank classifies the step the same way.
-                heartbeat.enter("collective")
-                loss = global_mean(rank_loss, env.world_size)
-                outcome = guard.observe(loss, grad_norm, engine.was_step_applied(), scale_before)
                 done, last = step + 1, step + 1 == total_steps
-                if outcome == "applied":
-                    rollback = spikes.check(
-                        done,
-                        loss,
-                        grad_norm,
-                        (first_slot, first_slot + plan.global_batch),
-                        lambda: [k for keys in gather(micro_batches.keys) for k in keys],
-                    )
-                    if rollback is not None:
-                        logger.message(spikes.describe(rollback))
-                        spike = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "rolled_back": 1}
-                        logger.log(done, spike)  # moved aside with the steps rolled back
-                        logger.rewind(rollback.to_step)
-                        ledger.rolled_back(rollback.distance, heartbeat.total_s)
-                        micro_batches.restart()
-                        step = rollback.to_step
-                        continue
-                    if stats_ema is not None:
-                        stats_ema.update(engine.module)
-                elif outcome == "nonfinite":
-                    logger.message(
-                        f"step {step + 1}: non-finite loss {loss} or gradient norm {grad_norm}: "
-                        "update skipped on every rank"
-                    )
-                    guard.check()
-                logger.advance()
+                loss, lr, grad_norm, rollback = self.train_step(step)
+                if rollback is not None:
+                    step = self.roll_back(rollback, loss, lr, grad_norm)
+                    continue
+                self.logger.advance()
                 final["step"] = float(done)
-                if done % cfg.logging.log_every == 0 or last:
-                    grad = float("nan") if grad_norm is None else grad_norm
-                    metrics = {"loss": loss, "lr": lr, "grad_norm": grad}
-                    metrics |= training_metrics(engine, window, guard, train_loader)
-                    straggling, warning = stragglers.measure(window.steps)
-                    metrics |= straggling
-                    if warning:
-                        logger.message(f"WARNING: {warning}")
-                    logger.log(done, metrics)
-                    ledger.update(done, heartbeat.total_s)
-                    final |= metrics
-                    train_loader.bad_summary()
-                    window.reset()
-                every = cfg.train.eval_every
-                if eval_loader is not None and (last or (every and done % every == 0)):
-                    result = validation(
-                        engine, eval_loader, micro_batches.normalizer, stats_ema, heartbeat
-                    )
-                    window.pause("eval", result["eval_s"])
-                    logger.log(done, result)
-                    logger.message(
-                        f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-                    )
-                    final |= result
-                heartbeat.enter("collective")
-                save_now, signum = checkpoints.decide(done, stop)
-                if last or save_now or signum:
-                    heartbeat.enter("checkpoint")
-                    seconds = checkpoints.save(done, final=bool(last or signum))
-                    window.pause("checkpoint", seconds)
-                    logger.log(done, {"checkpoint_s": seconds})
-                if signum and not last:
-                    if env.is_main:
-                        record_stop(run_dir, signal.Signals(signum), stop.received_at, done)
-                    logger.message(
-                        f"stop requested ({signal.Signals(signum).name}): stopped after step "
-                        f"{done} with a checkpoint; the same command resumes"
-                    )
+                if done % self.cfg.logging.log_every == 0 or last:
+                    final |= self.log(done, loss, lr, grad_norm)
+                every = self.cfg.train.eval_every
+                if self.eval_loader is not None and (last or (every and done % every == 0)):
+                    final |= self.evaluate(done)
+                if self.checkpoint(done, last, stop):
                     final["stopped"] = 1.0
                     break
-                if spikes.keep_due(done):
-                    spikes.keep(done)
-                    ledger.good_state(heartbeat.total_s)
+                if self.spikes.keep_due(done):
+                    self.keep_good_state(done)
                 step = done
-            heartbeat.enter("checkpoint")
-            checkpoints.finish()  # the last checkpoint is committed before the run ends or stops
-            ended = "stopped" if final.get("stopped") else "finished"
-            ledger.update(int(final["step"]), heartbeat.total_s, ended)
-            line, goodput = ledger.summary(window.flops_per_image * plan.global_batch, peak)
-            logger.message(line)
-            logger.log(int(final["step"]), goodput)
+            self.heartbeat.enter("checkpoint")
+            self.checkpoints.finish()  # the last checkpoint is committed before the run ends
+            self.end(int(final["step"]), "stopped" if final.get("stopped") else "finished")
         except BaseException:
-            ledger.update(int(final["step"]), heartbeat.total_s, "failed")
+            self.ledger.update(int(final["step"]), self.heartbeat.total_s, "failed")
             raise
         finally:
-            checkpoints.settle()
+            self.checkpoints.settle()
             stop.close()
-            spikes.close()
-        logger.close()
-        heartbeat.enter("collective")
-        dist.barrier()
-    return final
+            self.spikes.close()
+        return final
+
+    def train_step(self, step: int) -> tuple[float, float, float | None, Rollback | None]:
+        """One optimizer step, judged: (loss over all ranks, lr, gradient norm, the rollback a
+        loss spike caused or None)."""
+        cfg, engine, guard = self.cfg, self.engine, self.guard
+        lr = lr_at(step, cfg.optim.lr, cfg.schedule, cfg.train.total_steps)
+        lr *= self.spikes.lr_factor(step)
+        set_lr(engine.optimizer, lr)
+        scale_before = loss_scale(engine)
+        first_slot = self.loader.samples_consumed
+        rank_loss, grad_norm = self.micro_batches.step(step, self.window)
+        # The step guard (coatnet_scale/guard.py): the optimizer has already skipped an update
+        # whose gradients were not finite; the loss is the mean over all ranks, so every rank
+        # classifies the step the same way (and the same way finds a spike).
+        self.heartbeat.enter("collective")
+        loss = global_mean(rank_loss, self.env.world_size)
+        outcome = guard.observe(loss, grad_norm, engine.was_step_applied(), scale_before)
+        if outcome == "nonfinite":
+            self.logger.message(
+                f"step {step + 1}: non-finite loss {loss} or gradient norm {grad_norm}: "
+                "update skipped on every rank"
+            )
+            guard.check()
+        if outcome != "applied":
+            return loss, lr, grad_norm, None
+        rollback = self.spikes.check(
+            step + 1,
+            loss,
+            grad_norm,
+            (first_slot, first_slot + self.plan.global_batch),
+            lambda: [k for keys in gather(self.micro_batches.keys) for k in keys],
+        )
+        if rollback is None and self.stats_ema is not None:
+            self.stats_ema.update(engine.module)
+        return loss, lr, grad_norm, rollback
+
+    def roll_back(self, rollback: Rollback, loss: float, lr: float, grad_norm: float | None) -> int:
+        """After `SpikeRollback` restored the good state: say so, keep the spike's record with
+        the steps rolled back, and read on from the new data position. Returns the step."""
+        self.logger.message(self.spikes.describe(rollback))
+        spike = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "rolled_back": 1}
+        self.logger.log(rollback.spike_step, spike)  # moved aside with the steps rolled back
+        self.logger.rewind(rollback.to_step)
+        self.ledger.rolled_back(rollback.distance, self.heartbeat.total_s)
+        self.micro_batches.restart()
+        return rollback.to_step
+
+    def log(self, done: int, loss: float, lr: float, grad_norm: float | None) -> dict:
+        grad = float("nan") if grad_norm is None else grad_norm
+        metrics = {"loss": loss, "lr": lr, "grad_norm": grad}
+        metrics |= training_metrics(self.engine, self.window, self.guard, self.loader)
+        straggling, warning = self.stragglers.measure(self.window.steps)
+        metrics |= straggling
+        if warning:
+            self.logger.message(f"WARNING: {warning}")
+        self.logger.log(done, metrics)
+        self.ledger.update(done, self.heartbeat.total_s)
+        self.loader.bad_summary()
+        self.window.reset()
+        return metrics
+
+    def evaluate(self, done: int) -> dict[str, float]:
+        result = validation(
+            self.engine,
+            self.eval_loader,
+            self.micro_batches.normalizer,
+            self.stats_ema,
+            self.heartbeat,
+        )
+        self.window.pause("eval", result["eval_s"])
+        self.logger.log(done, result)
+        self.logger.message(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
+
+    def checkpoint(self, done: int, last: bool, stop: StopRequest) -> bool:
+        """Save when due, at the end or on a stop signal (all ranks agree); True: stop now."""
+        self.heartbeat.enter("collective")
+        save_now, signum = self.checkpoints.decide(done, stop)
+        if last or save_now or signum:
+            self.heartbeat.enter("checkpoint")
+            seconds = self.checkpoints.save(done, final=bool(last or signum))
+            self.window.pause("checkpoint", seconds)
+            self.logger.log(done, {"checkpoint_s": seconds})
+        if not signum or last:
+            return False
+        if self.env.is_main:
+            record_stop(self.run_dir, signal.Signals(signum), stop.received_at, done)
+        self.logger.message(
+            f"stop requested ({signal.Signals(signum).name}): stopped after step {done} with a "
+            "checkpoint; the same command resumes"
+        )
+        return True
+
+    def keep_good_state(self, done: int) -> None:
+        self.spikes.keep(done)
+        self.ledger.good_state(self.heartbeat.total_s)
+
+    def end(self, step: int, how: str) -> None:
+        """The attempt's goodput summary (line, metrics) once its last checkpoint is in."""
+        self.ledger.update(step, self.heartbeat.total_s, how)
+        flops_per_step = self.window.flops_per_image * self.plan.global_batch
+        line, goodput = self.ledger.summary(flops_per_step, self.window.peak_flops)
+        self.logger.message(line)
+        self.logger.log(step, goodput)
