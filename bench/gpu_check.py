@@ -432,6 +432,9 @@ def train_run(
         "checkpoint.every_steps=0",
         "checkpoint.every_minutes=0",
         f"train.run_dir={run_dir}",
+        # a hang ends in the watchdog's line naming the rank and phase, with every rank's
+        # stacks in RUN/stall/, well before this check's own time limit kills the run
+        f"distributed.stall_timeout_s={timeout // 2}",
         *(["distributed.device=cpu"] if rehearsal else []),
         *overrides,
     ]

@@ -361,10 +361,17 @@ class SpikeConfig:
 
     rollback: bool = option(False, "roll back past loss spikes (else they are trained through)")
     loss_mads: float = option(
-        6.0, "a spike: a loss above the median + this many MADs of the recent losses"
+        6.0, "a spike: a loss above the median + this many MADs of the recent losses ..."
+    )
+    loss_min_ratio: float = option(
+        1.5,
+        "... and above this multiple of their median (late in training the MAD collapses: "
+        "6 MADs were a 5% rise on the measured curve, bench/spike_thresholds.py)",
     )
     grad_factor: float = option(
-        10.0, "a spike: a gradient norm above this multiple of the recent median"
+        30.0,
+        "or a gradient norm above this multiple of the recent median (clean steps reached 17x "
+        "near convergence on the measured curve)",
     )
     window: int = option(200, "recent steps the median and MAD are taken over")
     min_history: int = option(20, "steps observed before spikes are looked for")
@@ -382,8 +389,10 @@ class SpikeConfig:
         for key in ("cooldown_steps", "rampup_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.loss_mads <= 0 or self.grad_factor <= 1:
-            raise ConfigError("loss_mads", "loss_mads must be > 0 and grad_factor > 1")
+        if self.loss_mads <= 0 or self.grad_factor <= 1 or self.loss_min_ratio < 1:
+            raise ConfigError(
+                "loss_mads", "loss_mads must be > 0, loss_min_ratio >= 1 and grad_factor > 1"
+            )
         if not 0 < self.cooldown_factor <= 1:
             raise ConfigError("cooldown_factor", f"must be in (0, 1], got {self.cooldown_factor}")
         if self.min_history > self.window:

@@ -24,8 +24,9 @@ The codes 2-6 fail the same way when run again (a requeue resumes from the same 
 the same data order and seeds), so they end the job with the line that says what to change.
 srun reports the highest exit code of its tasks, or 128 + the signal of one it killed: when one
 rank fails first, srun kills the others and its code says "killed". So a rank that exits with
-3-5 also writes the code to RUN/exit_reason.json (`record_exit`), and the supervisor trusts that
-file, cleared before each attempt, over srun's code. Setup errors (2) come before the run folder
+3-5 or 8 (the watchdog: 7, naming the stalled rank) also writes the code to
+RUN/exit_reason.json (`record_exit`), and the supervisor trusts that file, cleared before each
+attempt, over srun's code. Setup errors (2) come before the run folder
 exists and from every rank alike.
 """
 
