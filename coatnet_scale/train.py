@@ -30,7 +30,7 @@ from coatnet_scale.checkpoint import Resume, TrainerState, checkpoint_root
 from coatnet_scale.checkpoint.init_from import consolidated_file, initial_state
 from coatnet_scale.checkpoint.layout import CheckpointError
 from coatnet_scale.checkpoint.save import BackgroundSaver
-from coatnet_scale.config import Config, config_hash, dump_yaml, to_dict
+from coatnet_scale.config import Config, DistributedConfig, config_hash, dump_yaml, to_dict
 from coatnet_scale.data import gpu_decode
 from coatnet_scale.data.batch_augment import BatchAugment, Mixing
 from coatnet_scale.data.pipeline import (
@@ -457,18 +457,31 @@ def training_metrics(
 
 @contextlib.contextmanager
 def watching(
-    heartbeat: Heartbeat, run_dir: Path, env: DistEnv, stall_after_s: float
+    heartbeat: Heartbeat,
+    run_dir: Path,
+    env: DistEnv,
+    distributed: DistributedConfig,
+    start_step: int,
 ) -> Iterator[None]:
     """Every rank's stall watchdog (`coatnet_scale/watchdog.py`), started together (rank 0 moves
     an earlier attempt's stall report aside and hands out this run's token) and stopped on any
     way out: a run that raised must not be judged stalled later in the same process."""
-    if not stall_after_s:
+    if not distributed.stall_after_s:
         yield
         return
     if env.is_main:
         Watchdog.clear(run_dir)
     token = from_rank0(secrets.token_hex(8) if env.is_main else None)
-    watchdog = Watchdog(heartbeat, run_dir, env.rank, env.world_size, token, stall_after_s)
+    watchdog = Watchdog(
+        heartbeat,
+        run_dir,
+        env.rank,
+        env.world_size,
+        token,
+        distributed.stall_after_s,
+        start_step,
+        30 * distributed.timeout_minutes,  # the first step: compile, first collectives
+    )
     watchdog.start()
     try:
         yield
@@ -568,7 +581,7 @@ def run_in(
         ThroughputWindow(6 * total_macs(cfg.model), peak_flops(cfg, engine.device, env.world_size)),
     )
     train_loader.skip([r.slots for r in loop.spikes.rollbacks])  # a resume skips them too
-    with watching(heartbeat, run_dir, env, cfg.distributed.stall_after_s):
+    with watching(heartbeat, run_dir, env, cfg.distributed, start_step):
         resume.restore_rng(cfg.train.seed, env.rank, env.world_size)  # last: set-up draws no more
         final = loop.run(start_step)
         logger.close()

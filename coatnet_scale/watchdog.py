@@ -24,7 +24,9 @@ was. So:
   --kill-on-bad-exit, torchrun) then ends the stalled rank too.
 
 Set-up (process group, engine build, resume) happens before the watchdog starts and is not
-watched; everything from the first step to the final barrier is. Heartbeat files are written
+watched; everything from the first step to the final barrier is. The attempt's first step
+(`torch.compile` of a large model, the first collectives) may take longer: a live rank still in
+it is given half the collective timeout instead (a frozen one is not). Heartbeat files are written
 only every `interval` (at most 30 s) and read only by two ranks, so a thousand-rank job costs
 the filesystem a few small writes per second.
 """
@@ -143,13 +145,22 @@ class Stall:
         )
 
 
-def find_stall(seen: dict[int, Seen], now: float, timeout: float) -> Stall | None:
+def find_stall(
+    seen: dict[int, Seen],
+    now: float,
+    timeout: float,
+    first_step: int = -1,
+    first_timeout: float | None = None,
+) -> Stall | None:
     """The rank to name, when any rank has been silent for `timeout` seconds (see the module
-    docstring for the order), else None."""
+    docstring for the order), else None. A live rank still in the attempt's first step
+    (`first_step`: compiling, the first collectives) is given `first_timeout` instead."""
     silent = []
     for rank, s in seen.items():
         frozen_s, stuck_s = now - s.alive_changed, now - s.beats_changed
-        if max(frozen_s, stuck_s) >= timeout:
+        first = s.beat is None or s.beat.step <= first_step
+        stuck_after = first_timeout if first and first_timeout else timeout
+        if frozen_s >= timeout or stuck_s >= stuck_after:
             silent.append((rank, frozen_s >= timeout, max(frozen_s, stuck_s)))
     if not silent:
         return None
@@ -217,9 +228,12 @@ class Watchdog:
         world_size: int,
         token: str,
         stall_timeout_s: float,
+        first_step: int = -1,
+        first_step_timeout_s: float | None = None,
     ) -> None:
         self.heartbeat, self.run_dir, self.rank = heartbeat, run_dir, rank
         self.world_size, self.token, self.timeout = world_size, token, stall_timeout_s
+        self.first_step, self.first_timeout = first_step, first_step_timeout_s
         self.interval = heartbeat_interval(stall_timeout_s)
         self.watching = rank in (0, world_size - 1)
         self.host, self.pid = socket.gethostname(), os.getpid()
@@ -292,7 +306,7 @@ class Watchdog:
             if old is None or beat.beats != old.beats:
                 seen.beats_changed = now
             seen.beat = beat
-        return find_stall(self.seen, now, self.timeout)
+        return find_stall(self.seen, now, self.timeout, self.first_step, self.first_timeout)
 
     def _report(self, stall: Stall) -> None:
         self.stall_dir.mkdir(exist_ok=True)

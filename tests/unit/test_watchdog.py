@@ -108,3 +108,13 @@ def test_a_skew_under_five_percent_of_the_step_is_no_straggler() -> None:
     w = watch(["a", "b"])
     assert all(w.judge(table)[1] is None for _ in range(5))
     assert w.judge(table)[0]["straggler_rank"] == 1
+
+
+def test_a_live_rank_in_the_first_step_gets_the_longer_first_step_timeout() -> None:
+    # rank 1 has been compiling step 1 for 100 s: not a stall before the first-step timeout;
+    # a frozen rank gets no such grace
+    ranks = {0: seen(beat(0, 0, "backward"), 1, 100), 1: seen(beat(1, 0, "forward"), 1, 100)}
+    assert find_stall(ranks, 1000.0, 30, first_step=0, first_timeout=900) is None
+    assert find_stall(ranks, 1000.0, 30).rank == 1  # without it: the one furthest behind
+    ranks[1] = seen(beat(1, 0, "forward"), 40, 100)
+    assert find_stall(ranks, 1000.0, 30, first_step=0, first_timeout=900).rank == 1
