@@ -19,6 +19,18 @@ import psutil
 import pytest
 
 HANG_S = 1800  # a launch that takes this long on 2 cores has hung (the largest takes ~80 s)
+# `launch/pretrain.py` on the debug model: 32 px, 3 classes, fp32, no evaluation
+DEBUG_PRETRAIN = [
+    "launch/pretrain.py",
+    "--model",
+    "coatnet_debug",
+    "--config",
+    "configs/debug.yaml",
+    "model.image_size=32",
+    "model.num_classes=3",
+    "precision.dtype=fp32",
+    "train.eval_every=0",
+]
 
 
 def deepspeed_shm_files() -> set[Path]:

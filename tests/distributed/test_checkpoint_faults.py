@@ -21,7 +21,7 @@ import pytest
 from coatnet_scale import checkpoint
 from tests.data.conftest import shard_set
 from tests.distributed.test_training_2ranks import BIN, REPO
-from tests.processes import HANG_S, stop_tree
+from tests.processes import DEBUG_PRETRAIN, HANG_S, stop_tree
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -34,17 +34,9 @@ def start(run: Path, data: Path, total_steps: int) -> subprocess.Popen:
         str(BIN / "deepspeed"),
         "--num_gpus",
         "2",
-        "launch/pretrain.py",
-        "--model",
-        "coatnet_debug",
-        "--config",
-        "configs/debug.yaml",
+        *DEBUG_PRETRAIN,
         f"data.train_shards={data}/train.json",
-        "model.image_size=32",
-        "model.num_classes=3",
-        "precision.dtype=fp32",
         f"train.total_steps={total_steps}",
-        "train.eval_every=0",
         "logging.log_every=1000",
         "checkpoint.every_steps=1",
         "checkpoint.every_minutes=0",

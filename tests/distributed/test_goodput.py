@@ -17,7 +17,7 @@ from coatnet_scale import checkpoint
 from tests.data.conftest import shard_set
 from tests.distributed.test_stall_watchdog import logged_step
 from tests.distributed.test_training_2ranks import BIN, REPO
-from tests.processes import stop_tree
+from tests.processes import DEBUG_PRETRAIN, stop_tree
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -27,18 +27,10 @@ STEPS = 14
 def command(data: Path, run: Path) -> list[str]:
     return [
         str(BIN / "python"),
-        "launch/pretrain.py",
-        "--model",
-        "coatnet_debug",
-        "--config",
-        "configs/debug.yaml",
+        *DEBUG_PRETRAIN,
         f"data.train_shards={data}",
-        "model.image_size=32",
-        "model.num_classes=3",
-        "precision.dtype=fp32",
         f"train.total_steps={STEPS}",
         "train.global_batch_size=32",
-        "train.eval_every=0",
         "logging.log_every=1",
         "logging.wandb_mode=disabled",
         "checkpoint.every_steps=4",

@@ -19,7 +19,7 @@ from coatnet_scale.exits import EXIT_STALLED
 from tests.data.conftest import shard_set
 from tests.distributed.test_checkpoint_faults import rank_pids
 from tests.distributed.test_training_2ranks import BIN, REPO
-from tests.processes import stop_tree
+from tests.processes import DEBUG_PRETRAIN, stop_tree
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -50,17 +50,9 @@ def test_a_stopped_rank_ends_the_job_named_with_every_ranks_stacks(tmp_path) -> 
         str(BIN / "deepspeed"),
         "--num_gpus",
         "2",
-        "launch/pretrain.py",
-        "--model",
-        "coatnet_debug",
-        "--config",
-        "configs/debug.yaml",
+        *DEBUG_PRETRAIN,
         f"data.train_shards={data}",
-        "model.image_size=32",
-        "model.num_classes=3",
-        "precision.dtype=fp32",
         "train.total_steps=100000",
-        "train.eval_every=0",
         "logging.log_every=1",
         "checkpoint.every_steps=0",
         "checkpoint.every_minutes=0",
