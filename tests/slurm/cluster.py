@@ -1,15 +1,16 @@
-"""A real two-node SLURM cluster on this one machine, for the tests.
+"""A real multi-node SLURM cluster on this one machine, for the tests.
 
-`LocalCluster(workdir).start()` installs Debian's slurm-wlm and munge when they are missing,
-starts munged, one slurmctld and two slurmd daemons (nodes n1 and n2, one CPU and one stand-in
-"gpu" GRES each, so `--gpus-per-node=1` works without GPUs), maps n1/n2 to 127.0.0.1 in
-/etc/hosts, and waits until both nodes are idle. `stop()` cancels every job and stops the daemons
-it started. Everything but /etc/hosts and the packages lives in `workdir`; client commands find
-the cluster through SLURM_CONF (`env()`).
+`LocalCluster(workdir, nodes=3).start()` installs Debian's slurm-wlm and munge when they are
+missing, starts munged, one slurmctld and one slurmd daemon per node (n1, n2, n3, ... one CPU and
+one stand-in "gpu" GRES each, so `--gpus-per-node=1` works without GPUs), maps the node names to
+127.0.0.1 in /etc/hosts, and waits until every node is idle (a third node beyond the tests'
+2-node jobs is where a job that excluded a bad node runs). `stop()` cancels every job and stops
+the daemons it started. Everything but /etc/hosts and the packages lives in `workdir`; client
+commands find the cluster through SLURM_CONF (`env()`).
 
 Needs root (packages, daemons, /etc/hosts); `unavailable_reason()` says why it cannot run.
 
-    python tests/slurm/cluster.py start WORKDIR    # by hand: bring one up and leave it running
+    python tests/slurm/cluster.py start WORKDIR [NODES]   # by hand: bring one up, leave it running
     python tests/slurm/cluster.py stop WORKDIR
 """
 
@@ -25,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-NODES = ("n1", "n2")
 PACKAGES = ("slurm-wlm", "munge")
 MUNGE_DIRS = ("/run/munge", "/var/log/munge", "/var/lib/munge", "/etc/munge")
 
@@ -50,8 +50,9 @@ def install_packages() -> None:
 
 
 class LocalCluster:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, nodes: int = 2) -> None:
         self.workdir = workdir.resolve()
+        self.nodes = tuple(f"n{i}" for i in range(1, nodes + 1))
         self.conf = self.workdir / "slurm.conf"
         self.started: list[Path] = []  # pid files of the daemons we started
 
@@ -71,14 +72,14 @@ class LocalCluster:
         self._start_munge()
         self._map_hosts()
         self._write_config()
-        for folder in ("state", *(f"slurmd.{n}" for n in NODES)):
+        for folder in ("state", *(f"slurmd.{n}" for n in self.nodes)):
             (self.workdir / folder).mkdir(exist_ok=True)
         subprocess.run(["slurmctld", "-c", "-f", str(self.conf)], env=self.env(), check=True)
         self.started.append(self.workdir / "slurmctld.pid")
-        for node in NODES:
+        for node in self.nodes:
             subprocess.run(["slurmd", "-N", node, "-f", str(self.conf)], env=self.env(), check=True)
             self.started.append(self.workdir / f"slurmd.{node}.pid")
-        self._wait_idle()
+        self.wait_idle()
         return self
 
     def stop(self) -> None:
@@ -108,16 +109,19 @@ class LocalCluster:
     def _map_hosts(self) -> None:
         hosts = Path("/etc/hosts")
         text = hosts.read_text()
-        missing = [n for n in NODES if not any(n in line.split()[1:] for line in text.splitlines())]
+        missing = [
+            n for n in self.nodes if not any(n in line.split()[1:] for line in text.splitlines())
+        ]
         if missing:
             hosts.write_text(text.rstrip("\n") + f"\n127.0.0.1 {' '.join(missing)}\n")
 
     def _write_config(self) -> None:
         w = self.workdir
         host = socket.gethostname()
-        first, last = 17001, 17000 + len(NODES)
+        count = len(self.nodes)
+        first, last = 17001, 17000 + count
         nodes = (
-            f"NodeName=n[1-{len(NODES)}] NodeHostname={host} NodeAddr=127.0.0.1 "
+            f"NodeName=n[1-{count}] NodeHostname={host} NodeAddr=127.0.0.1 "
             f"Port=[{first}-{last}] CPUs=1 RealMemory=10000 Gres=gpu:1"
         )
         self.conf.write_text(
@@ -147,21 +151,22 @@ SlurmdPidFile={w}/slurmd.%n.pid
 SlurmctldLogFile={w}/slurmctld.log
 SlurmdLogFile={w}/slurmd.%n.log
 {nodes}
-PartitionName=debug Nodes=n[1-{len(NODES)}] Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=n[1-{count}] Default=YES MaxTime=INFINITE State=UP
 """
         )
         # A "GPU" per node backed by /dev/null: SLURM drops file-less GPUs, and a character device
         # is all it checks (task/none: no cgroup device limits). CUDA_VISIBLE_DEVICES=0 results.
         (w / "gres.conf").write_text(
-            f"AutoDetect=off\nNodeName=n[1-{len(NODES)}] Name=gpu File=/dev/null\n"
+            f"AutoDetect=off\nNodeName=n[1-{count}] Name=gpu File=/dev/null\n"
         )
 
-    def _wait_idle(self, timeout: float = 60) -> None:
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until every node is idle (no job running or completing on it)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout
             states = dict(line.split() for line in out.splitlines() if line.strip())
-            if all(states.get(n) == "idle" for n in NODES):
+            if all(states.get(n) == "idle" for n in self.nodes):
                 return
             time.sleep(0.5)
         log = (self.workdir / "slurmctld.log").read_text()[-2000:]
@@ -170,7 +175,7 @@ PartitionName=debug Nodes=n[1-{len(NODES)}] Default=YES MaxTime=INFINITE State=U
 
 if __name__ == "__main__":
     action, folder = sys.argv[1], Path(sys.argv[2])
-    cluster = LocalCluster(folder)
+    cluster = LocalCluster(folder, int(sys.argv[3]) if len(sys.argv) > 3 else 2)
     if action == "start":
         cluster.start()
         print(f"export SLURM_CONF={cluster.conf}")

@@ -1,10 +1,12 @@
-"""SLURM jobs on a real local 2-node cluster (tests/slurm/cluster.py): `sbatch
+"""SLURM jobs on a real local 3-node cluster (tests/slurm/cluster.py): `sbatch --nodes=2
 launch/slurm/pretrain.sbatch` trains the debug model with one rank per node (CPU, gloo),
 evaluates and checkpoints; interrupted in each way SLURM has (an operator's USR1, preemption's
 TERM, an operator's `scontrol requeue`, SLURM's own time-limit warning; each time a checkpoint and
 a requeue) it ends with the same weights, step count and sample accounting as an uninterrupted
 job, in one wandb run; a killed task ends the job step at once with the failed rank named, and the
-requeued job resumes; a warning lead longer than the time limit is reported when the job starts.
+requeued job resumes; a node whose task fails in two attempts in a row is excluded from the
+requeued job, which then finishes on the other two; a warning lead longer than the time limit is
+reported when the job starts.
 
 Skipped, with the reason, only where the cluster cannot be started (not root)."""
 
@@ -38,7 +40,7 @@ def cluster(tmp_path_factory):
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    cluster = LocalCluster(tmp_path_factory.mktemp("slurm")).start()
+    cluster = LocalCluster(tmp_path_factory.mktemp("slurm"), nodes=3).start()
     yield cluster
     cluster.stop()
 
@@ -52,7 +54,13 @@ def data(tmp_path_factory) -> list[str]:
 
 
 def submit(
-    cluster: LocalCluster, name: str, run: Path, data: list[str], *overrides: str, minutes: int = 20
+    cluster: LocalCluster,
+    name: str,
+    run: Path,
+    data: list[str],
+    *overrides: str,
+    minutes: int = 20,
+    env: dict[str, str] | None = None,
 ) -> str:
     run.mkdir(parents=True, exist_ok=True)
     args = [
@@ -84,7 +92,7 @@ def submit(
         f"train.run_dir={run}",
         *overrides,
     ]
-    env = {**cluster.env(), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env = {**cluster.env(), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
     out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
 
@@ -251,6 +259,7 @@ def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
     cluster, data, tmp_path
 ) -> None:
     run = tmp_path / "killed"
+    cluster.wait_idle()  # all three free: SLURM places the job on n1 and n2 (rank 1 on n2)
     job_id = submit(cluster, "killed", run, data)
     # Watched closely: the remaining 18 steps take about a second here.
     wait_for(lambda: logged_step(run) >= 6, "step 6 (after the step-4 checkpoint)", poll=0.005)
@@ -269,6 +278,51 @@ def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
     resumed = re.findall(r"resumed from (\S+) \(step (\d+)", log)
     assert resumed and int(resumed[0][1]) >= checkpoint.checkpoint_step(newest)
     assert checkpoint.verify(run / "checkpoints" / checkpoint.step_name(STEPS)) == []
+
+
+# Put on the tasks' PYTHONPATH: the training task on node n2 exits with code 1 as it starts, the
+# way a task on a broken node fails (the library has no test-only path for it). Every other
+# python of the job (the supervisor, the task on another node) runs as usual.
+BAD_NODE_HOOK = """import os, sys
+if os.environ.get("SLURMD_NODENAME") == "n2" and any(
+    arg.endswith("launch/pretrain.py") for arg in sys.argv
+):
+    print("test: the training task on n2 fails (a bad node)", file=sys.stderr, flush=True)
+    os._exit(1)
+"""
+
+
+def test_a_node_that_fails_two_attempts_in_a_row_is_excluded_and_the_job_finishes_without_it(
+    cluster, data, tmp_path
+) -> None:
+    """The task on n2 fails in restarts 0 and 1 (no checkpoint either time): the second requeue
+    adds n2 to the job's ExcNodeList with a line saying why, and restart 2 trains to the end on
+    n1 and n3. With the default distributed.max_requeues=3 (two attempts without progress)."""
+    run, hook = tmp_path / "badnode", tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(BAD_NODE_HOOK)
+    cluster.wait_idle()  # all three free: SLURM places the job on n1 and n2 (rank 1 on n2)
+    job_id = submit(cluster, "badnode", run, data, env={"PYTHONPATH": str(hook)})
+    wait_for(lambda: job(cluster, job_id).get("Restarts") == "1", "the first requeue", 300)
+    assert job(cluster, job_id).get("ExcNodeList") == "(null)"  # one failure excludes nothing
+    release(cluster, job_id)
+    wait_for(lambda: job(cluster, job_id).get("Restarts") == "2", "the second requeue", 300)
+    release(cluster, job_id)  # pending again: this attempt's supervisor has exited
+    assert job(cluster, job_id)["ExcNodeList"] == "n2"
+    wait_for(lambda: finished(cluster, job_id), "the job without n2")
+    log, info = job_log(run), job(cluster, job_id)
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "n[1,3]", log[-3000:]
+    assert log.count("srun: error: n2: task 1: Exited with exit code 1") == 2, log[-3000:]
+    assert (
+        "node n2 is excluded from the requeued job (ExcNodeList=n2): it failed two attempts in "
+        "a row (restart 0: task 1: Exited with exit code 1; restart 1: task 1: Exited with exit "
+        "code 1); requeueing (no new checkpoint (2))"
+    ) in log
+    assert log.count("is excluded from the requeued job") == 1
+    assert "restart 2, 2 node(s)" in log and "training finished" in log
+    assert checkpoint.verify(run / "checkpoints" / checkpoint.step_name(STEPS)) == []
+    attempts = json.loads((run / "node_failures.json").read_text())
+    assert [(a["restart"], a["node"]) for a in attempts] == [(0, "n2"), (1, "n2"), (2, None)]
 
 
 def test_a_warning_lead_longer_than_the_time_limit_is_reported_at_start(
@@ -296,9 +350,10 @@ def test_the_hostfile_for_deepspeeds_launcher_lists_the_allocation(cluster, tmp_
         "sbatch",
         "--wait",
         "--nodes=2",
+        "--nodelist=n1,n3",  # SLURM_JOB_NODELIST=n[1,3]
         "--ntasks-per-node=1",
         f"--output={out}",
         f"--wrap={sys.executable} launch/slurm/supervisor.py --hostfile",
         cwd=REPO,
     )
-    assert out.read_text() == "n1 slots=1\nn2 slots=1\n"
+    assert out.read_text() == "n1 slots=1\nn3 slots=1\n"

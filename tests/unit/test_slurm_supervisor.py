@@ -143,9 +143,22 @@ def test_the_first_ranks_own_exit_code_wins_over_srun_killing_the_rest(
     assert slurm.main(argv) == 137 and calls == ["srun", "srun", "scontrol"]
 
 
-def job_attempts(tmp_path, monkeypatch, srun_codes: list[int], steps: list[int], job: str = "9"):
-    """Run the supervisor once per attempt with a fake srun exiting with `srun_codes[i]` after
-    the run's newest checkpoint reached `steps[i]`; returns the exit codes and the commands."""
+def job_attempts(
+    tmp_path,
+    monkeypatch,
+    srun_codes: list[int],
+    steps: list[int],
+    job: str = "9",
+    srun_errors: list[list[str]] | None = None,
+    slurm_says: dict[str, str] | None = None,
+    commands: list[list[str]] | None = None,
+):
+    """Run the supervisor once per attempt (restart i) with a fake srun exiting with
+    `srun_codes[i]` after the run's newest checkpoint reached `steps[i]` and printing
+    `srun_errors[i]` on its stderr; returns the exit codes and the commands. `slurm_says`: what
+    `scontrol show job` and `sinfo` print ("show", "sinfo"); `commands` collects the whole
+    command lines (but `scontrol show`/`write`)."""
+    import os
     import subprocess
 
     from tests.data.conftest import shard_set
@@ -154,20 +167,34 @@ def job_attempts(tmp_path, monkeypatch, srun_codes: list[int], steps: list[int],
     run = tmp_path / "run"
     calls: list[str] = []
     attempt = {"i": 0}
+    says = slurm_says or {}
 
     def fake_run(command, **kwargs):
         if command[:2] in (["scontrol", "show"], ["scontrol", "write"]):
-            return subprocess.CompletedProcess(command, 0, "", "")  # no job: nothing to check
+            return subprocess.CompletedProcess(command, 0, says.get("show", ""), "")
+        if commands is not None:
+            commands.append(command)
+        if command[0] == "sinfo":
+            return subprocess.CompletedProcess(command, 0, says.get("sinfo", ""), "")
         calls.append(command[0])
         if command[0] == "srun":
             step = steps[attempt["i"]]
             if step:
                 fake_checkpoint(run / "checkpoints" / f"step{step:08d}", step)
+            for line in (srun_errors or [[]] * len(srun_codes))[attempt["i"]]:
+                os.write(kwargs["stderr"], f"{line}\n".encode())
             return subprocess.CompletedProcess(command, srun_codes[attempt["i"]])
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(slurm.subprocess, "run", fake_run)
-    for key, value in {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2"}.items():
+    allocation_env = {
+        "SLURM_JOB_ID": job,
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_TASKS_PER_NODE": "1(x2)",
+    }
+    for key, value in allocation_env.items():
         monkeypatch.setenv(key, value)
     shards = tmp_path / "train_shards" / "train.json"
     shards = shards if shards.exists() else shard_set(tmp_path, [8])
@@ -177,6 +204,7 @@ def job_attempts(tmp_path, monkeypatch, srun_codes: list[int], steps: list[int],
     codes = []
     for i in range(len(srun_codes)):
         attempt["i"] = i
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(i))
         codes.append(slurm.main(argv))
     return codes, calls
 
@@ -239,3 +267,214 @@ def test_jobs_queued_with_the_old_module_path_still_run_the_supervisor() -> None
         check=True,
     )
     assert proc.stdout == "n1 slots=2\nn2 slots=2\n" and "launch/slurm/supervisor.py" in proc.stderr
+
+
+# What srun printed on the local cluster when the task on n2 exited with code 3 (SLURM 22.05).
+N2_FAILED = [
+    "srun: error: n2: task 1: Exited with exit code 3",
+    "srun: launch/slurm: _step_signal: Terminating StepId=1.0",
+    "slurmstepd-n1: error: *** STEP 1.0 ON n1 CANCELLED AT 2026-11-30T10:10:57 ***",
+    "srun: error: n1: task 0: Terminated",
+    "srun: Force Terminated StepId=1.0",
+]
+
+
+def test_the_first_task_srun_reports_as_failed_names_the_node() -> None:
+    """With --kill-on-bad-exit srun kills the other tasks after the first failure and reports
+    them too; only the first failed task's node is blamed."""
+    assert slurm.first_task_failure(N2_FAILED) == slurm.NodeFailure(
+        "n2", "task 1: Exited with exit code 3"
+    )
+    # a killed task first; the others' own errors (a broken collective) after it
+    lines = [
+        "Traceback (most recent call last):",  # a task's stderr passes through srun's
+        "srun: error: gpu-a07: task 9: Killed",
+        "srun: error: gpu-a01: tasks 0-7: Exited with exit code 1",
+    ]
+    assert slurm.first_task_failure(lines) == slurm.NodeFailure("gpu-a07", "task 9: Killed")
+    # the same exit code from tasks on two nodes: a common cause (a bug), whichever came first
+    # (what srun printed when one exception ended both ranks on the local cluster)
+    both = ["srun: error: n1: task 0: Exited with exit code 1", *N2_FAILED[:1]]
+    both[1] = both[1].replace("code 3", "code 1")
+    assert slurm.first_task_failure(both) is None
+    assert slurm.first_task_failure([*N2_FAILED[:1], both[0]]).node == "n2"  # 3, then 1
+    oom = slurm.first_task_failure(["srun: error: n3: tasks 4,6: Out Of Memory"])
+    assert oom == slurm.NodeFailure("n3", "tasks 4,6: Out Of Memory")
+    # a first line over several nodes blames none (nor does a later line)
+    assert slurm.first_task_failure(["srun: error: n[1-2]: tasks 0-1: Killed", *N2_FAILED]) is None
+    assert slurm.first_task_failure(["srun: error: Unable to create step for job 5: busy"]) is None
+    assert slurm.first_task_failure([]) is None
+
+
+def test_srun_stderr_passes_through_and_its_error_lines_are_kept(capsys) -> None:
+    """The job log still gets everything srun and the tasks print, byte for byte; only lines
+    that begin with srun's error prefix are kept, not a task's long line that contains one."""
+    import sys
+
+    long_line = "x" * 10_000 + "srun: error: n9: task 0: Killed"
+    script = (
+        "import sys; w = sys.stderr.write; "
+        f"w('progress\\r{long_line}\\n'); "
+        "w('srun: error: n2: task 1: Exited with exit code 1\\nlast, no newline')"
+    )
+    returncode, errors = slurm.run_step([sys.executable, "-c", script])
+    assert returncode == 0
+    assert errors == ["srun: error: n2: task 1: Exited with exit code 1"]
+    err = capsys.readouterr().err
+    assert err == (
+        f"progress\r{long_line}\nsrun: error: n2: task 1: Exited with exit code 1\nlast, no newline"
+    )
+
+
+def test_a_stalled_rank_is_blamed_on_its_own_node(tmp_path) -> None:
+    """The watchdog's record names the stalled rank and the host it saw; another rank writes it,
+    and srun's first failed task is that writer, not the stalled rank."""
+    import json
+
+    from coatnet_scale.exits import EXIT_STALLED
+
+    env = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)"}
+    record = {"code": EXIT_STALLED, "line": "stall: rank 3", "rank": 3, "host": "n2.example.org"}
+    assert slurm.stall_failure(record, env) == slurm.NodeFailure("n2", "rank 3 stalled")
+    # every node's hostname the same (the local test cluster): the rank's place in the layout
+    assert slurm.stall_failure(record | {"host": "vm"}, env).node == "n2"
+    assert slurm.stall_failure(record | {"host": "vm", "rank": 1}, env).node == "n1"
+    assert (
+        slurm.stall_failure(record | {"host": "vm"}, env | {"SLURM_DISTRIBUTION": "cyclic"}) is None
+    )
+    assert slurm.tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+
+    (tmp_path / "exit_reason.json").write_text(json.dumps(record))
+    reporter = ["srun: error: n1: task 0: Exited with exit code 7"]
+    assert slurm.attempt_failure(tmp_path, reporter, env).node == "n2"
+    (tmp_path / "exit_reason.json").unlink()
+    assert slurm.attempt_failure(tmp_path, reporter, env).node == "n1"
+
+
+def test_a_node_is_bad_after_failing_two_attempts_of_the_job_in_a_row() -> None:
+    A = slurm.Attempt
+    failed = A("9", 4, "n2", "task 1: Killed")
+    assert slurm.repeated_failure(A("9", 3, "n2", "task 1: Killed"), failed) == "n2"
+    assert slurm.repeated_failure(A("9", 3, "n5", "task 6: Killed"), failed) is None
+    assert slurm.repeated_failure(A("9", 3), failed) is None  # the attempt before went well
+    assert slurm.repeated_failure(A("9", 2, "n2"), failed) is None  # restart 3 left no record
+    assert slurm.repeated_failure(A("8", 3, "n2"), failed) is None  # another job
+    assert slurm.repeated_failure(None, failed) is None
+    assert slurm.repeated_failure(A("9", 3, "n2"), A("9", 4)) is None
+
+
+def test_the_attempts_record_survives_across_attempts_and_stays_short(tmp_path) -> None:
+    attempts = [slurm.Attempt("9", i, f"n{i % 3}", "task 1: Killed") for i in range(30)]
+    slurm.write_attempts(tmp_path, attempts)
+    assert slurm.read_attempts(tmp_path) == attempts[-slurm.KEEP_ATTEMPTS :]
+    (tmp_path / slurm.NODE_FAILURES_FILE).write_text("{not json")
+    assert slurm.read_attempts(tmp_path) == []
+
+
+def test_an_exclusion_adds_to_the_jobs_own_and_never_strands_the_job() -> None:
+    three = {"n1", "n2", "n3"}
+    assert slurm.exclusion("n2", [], three, 2) == (("n2",), "")
+    eight = {f"n{i}" for i in range(1, 9)}
+    assert slurm.exclusion("n2", ["n5"], eight, 2) == (("n5", "n2"), "")
+    new, why = slurm.exclusion("n2", ["n3"], three, 2)
+    assert new == () and "needs 2 node(s)" in why and "leave 1 of its partitions' 3" in why
+    assert slurm.exclusion("n2", [], set(), 2)[0] == ()  # nodes unknown: no blind exclusion
+
+
+BAD_N2 = slurm.BadNode("n2", "it failed two attempts in a row (...)", ("n2",))
+
+
+def test_a_bad_node_is_excluded_before_the_no_progress_stop() -> None:
+    """The second failed attempt on n2 also reaches max_requeues=2 without a checkpoint: the job
+    is requeued without n2 once more; the count goes on, so the next attempt that fails without
+    a checkpoint stops the job."""
+    decision = decide(1, 40, 40, stalled=1, limit=2)
+    assert decision.action == "stop"  # without the bad node
+    decision = slurm.decide(1, 40, 40, 100, 1, 2, BAD_N2)
+    assert decision.requeue and decision.exclude == ("n2",) and decision.stalled == 2
+    assert "node n2 is excluded from the requeued job (ExcNodeList=n2)" in decision.message
+    assert "before the no-progress stop (2 attempt(s) in a row" in decision.message
+    assert decide(137, 40, 40, stalled=2, limit=2).action == "stop"
+    # what a requeue cannot fix stops anyway; a stop signal or a finished run excludes nothing
+    from coatnet_scale.exits import EXIT_DATA
+
+    assert slurm.decide(EXIT_DATA, 40, 40, 100, 0, 3, BAD_N2).action == "stop"
+    assert slurm.decide(EXIT_STOPPED, 40, 40, 100, 0, 3, BAD_N2).exclude == ()
+    assert slurm.decide(1, 40, 100, 100, 0, 3, BAD_N2).action == "finished"
+    # with the default limit two failed attempts in a row are requeued anyway
+    from coatnet_scale.config import DistributedConfig
+
+    assert DistributedConfig().max_requeues >= 2
+
+
+def test_two_attempts_failing_on_one_node_requeue_the_job_without_it(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Restarts 0 and 1 fail on n2 (max_requeues=2: the second would stop the job): requeued,
+    then requeued with n2 added to the job's ExcNodeList; restart 2 fails on n1 too: stopped."""
+    commands: list[list[str]] = []
+    n1_failed = ["srun: error: n1: task 0: Exited with exit code 1"]
+    codes, _ = job_attempts(
+        tmp_path,
+        monkeypatch,
+        [1, 143, 1],
+        [0, 0, 0],
+        srun_errors=[N2_FAILED, N2_FAILED, n1_failed],
+        slurm_says={"show": "JobId=9 Partition=debug ExcNodeList=n7", "sinfo": "n1\nn2\nn3\nn7\n"},
+        commands=commands,
+    )
+    assert codes == [1, 143, 1]
+    update = ["scontrol", "update", "JobId=9", "ExcNodeList=n7,n2"]
+    assert [c for c in commands if c[0] != "srun"] == [
+        ["scontrol", "requeue", "9"],
+        ["sinfo", "-h", "-N", "-o", "%N", "--partition=debug"],
+        ["scontrol", "requeue", "9"],
+        update,  # after the requeue: refused while the job runs
+    ]
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "is excluded" in x)
+    assert "node n2 is excluded from the requeued job (ExcNodeList=n7,n2): it failed two " in line
+    assert "(restart 0: task 1: Exited with exit code 3; restart 1: task 1: Exited" in line
+    assert "not requeueing: 3 attempt(s) in a row ended without a new checkpoint" in out
+    recorded = slurm.read_attempts(tmp_path / "run")
+    assert [(a.restart, a.node) for a in recorded] == [(0, "n2"), (1, "n2"), (2, "n1")]
+
+
+def test_a_node_whose_exclusion_would_strand_the_job_stays_with_a_line_saying_so(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    commands: list[list[str]] = []
+    codes, calls = job_attempts(
+        tmp_path,
+        monkeypatch,
+        [1, 1],
+        [10, 20],  # progress: requeued both times
+        srun_errors=[N2_FAILED, N2_FAILED],
+        slurm_says={"show": "JobId=9 Partition=debug ExcNodeList=(null)", "sinfo": "n1\nn2\n"},
+        commands=commands,
+    )
+    assert codes == [1, 1] and calls == ["srun", "scontrol", "srun", "scontrol"]
+    assert not any(c[:2] == ["scontrol", "update"] for c in commands)
+    out = capsys.readouterr().out
+    assert (
+        "node n2 failed two attempts in a row but is not excluded: the job needs 2 node(s) and "
+        "excluding it would leave 1 of its partitions' 2, so the job could never start again"
+    ) in out
+
+
+def test_failures_on_one_node_with_a_good_attempt_between_exclude_nothing(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    commands: list[list[str]] = []
+    job_attempts(
+        tmp_path,
+        monkeypatch,
+        [1, 0, 1],
+        [0, 10, 0],
+        srun_errors=[N2_FAILED, [], N2_FAILED],
+        slurm_says={"sinfo": "n1\nn2\nn3\n"},
+        commands=commands,
+    )
+    assert [c[0] for c in commands] == ["srun", "scontrol"] * 3  # requeues only
+    recorded = slurm.read_attempts(tmp_path / "run")
+    assert [a.node for a in recorded] == ["n2", None, "n2"]
