@@ -100,6 +100,7 @@ class Beat:
     step: int
     phase: str
     alive: float
+    node: str = ""  # SLURMD_NODENAME under SLURM: the name the supervisor excludes nodes by
 
     @classmethod
     def read(cls, path: Path) -> Beat | None:
@@ -131,6 +132,7 @@ class Stall:
     phase: str
     frozen: bool  # the whole process stopped, not only its training thread
     silent_s: float
+    node: str = ""
 
     def line(self, run_dir: Path) -> str:
         what = (
@@ -175,7 +177,7 @@ def find_stall(
     beat = seen[rank].beat
     if beat is None:  # never wrote a heartbeat: stuck before the first step
         return Stall(rank, "?", 0, -1, "setup", frozen, silent_s)
-    return Stall(rank, beat.host, beat.pid, beat.step, beat.phase, frozen, silent_s)
+    return Stall(rank, beat.host, beat.pid, beat.step, beat.phase, frozen, silent_s, beat.node)
 
 
 def dump_own_stacks(path: Path) -> None:
@@ -237,6 +239,7 @@ class Watchdog:
         self.interval = heartbeat_interval(stall_timeout_s)
         self.watching = rank in (0, world_size - 1)
         self.host, self.pid = socket.gethostname(), os.getpid()
+        self.node = os.environ.get("SLURMD_NODENAME", "")
         self.beat_dir = run_dir / HEARTBEAT_DIR
         self.stall_dir = run_dir / STALL_DIR
         self._stopped = threading.Event()
@@ -270,7 +273,9 @@ class Watchdog:
 
     def _write_beat(self) -> None:
         beats, step, phase, _ = self.heartbeat.state
-        beat = Beat(self.rank, self.host, self.pid, self.token, beats, step, phase, time.time())
+        beat = Beat(
+            self.rank, self.host, self.pid, self.token, beats, step, phase, time.time(), self.node
+        )
         with contextlib.suppress(OSError):  # a full or flaky filesystem: retried next interval
             atomic_write_text(self._path(self.rank), json.dumps(beat.__dict__))
 
@@ -317,10 +322,13 @@ class Watchdog:
 
     def _end(self, record: dict, named_by_me: bool) -> None:
         """Stacks (own; the stalled rank's when it lives on this host), the line, exit 7."""
+        stalled = int(record["rank"])
         with contextlib.suppress(OSError):
             self.stall_dir.mkdir(exist_ok=True)
-            dump_own_stacks(self.stall_dir / f"stacks-rank-{self.rank:05d}.txt")
-            stalled = int(record["rank"])
+            # The stalled rank itself, when it wakes (srun sends SIGCONT before it kills),
+            # writes beside the stacks taken from outside while it was stuck.
+            own = "resumed.txt" if stalled == self.rank else "txt"
+            dump_own_stacks(self.stall_dir / f"stacks-rank-{self.rank:05d}.{own}")
             theirs = self.stall_dir / f"stacks-rank-{stalled:05d}.txt"
             if (
                 stalled != self.rank
@@ -337,9 +345,8 @@ class Watchdog:
                 time.sleep(0.5)
             print(f"rank {self.rank}: {record['line']}", file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):
-                record_exit(
-                    self.run_dir, EXIT_STALLED, record["line"], record["rank"], record["host"]
-                )
+                node = record.get("node") or record["host"]  # SLURM's name for it, when known
+                record_exit(self.run_dir, EXIT_STALLED, record["line"], record["rank"], node)
         else:
             print(
                 f"rank {self.rank}: ending: rank {record['rank']} stalled "

@@ -280,6 +280,43 @@ def test_a_killed_task_ends_the_job_quickly_and_the_requeued_job_resumes(
     assert checkpoint.verify(run / "checkpoints" / checkpoint.step_name(STEPS)) == []
 
 
+def test_a_stalled_task_ends_the_job_named_and_the_requeued_job_finishes(
+    cluster, data, tmp_path
+) -> None:
+    """SIGSTOP rank 1 (node n2) mid-run: the watchdog of rank 0 names it within
+    stall_timeout_s, with both ranks' stacks, and ends the step (exit 7); the supervisor blames
+    n2 and requeues by the progress rule; the requeued job resumes and finishes."""
+    run = tmp_path / "stalled"
+    cluster.wait_idle()
+    job_id = submit(cluster, "stalled", run, data, "distributed.stall_timeout_s=30")
+    wait_for(lambda: logged_step(run) >= 6, "step 6 (after the step-4 checkpoint)", poll=0.005)
+    (pid,) = training_pids(job_id, rank=1)
+    stopped_at = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: job(cluster, job_id).get("Restarts") == "1", "the requeue", timeout=300)
+    # the collective timeout (distributed.timeout_minutes=1) would have been 60 s plus srun's
+    # teardown; the watchdog: 30 s, a heartbeat interval, the stacks
+    assert time.monotonic() - stopped_at < 30 + 60
+    stall_dir = run / "stall"
+    stacks = {p.name: p.read_text() for p in stall_dir.glob("stacks-rank-*.txt")}
+    report = json.loads((stall_dir / "report.json").read_text())
+    release(cluster, job_id)
+    wait_for(lambda: finished(cluster, job_id), "the requeued job")
+    log = job_log(run)
+    assert job(cluster, job_id)["JobState"] == "COMPLETED", log[-3000:]
+    assert re.search(rf"rank 0: stall: rank 1 \(host \S+, pid {pid}\) stopped responding", log)
+    assert (report["rank"], report["node"], report["frozen"]) == (1, "n2", True)
+    # rank 1's taken from outside while it was stopped (srun's SIGCONT before its kill may
+    # also let it write its own, as stacks-rank-00001.resumed.txt)
+    assert {"stacks-rank-00000.txt", "stacks-rank-00001.txt"} <= set(stacks)
+    assert f"py-spy dump of pid {pid}" in stacks["stacks-rank-00001.txt"]
+    assert "train.py" in stacks["stacks-rank-00000.txt"]
+    failures = json.loads((run / "node_failures.json").read_text())
+    assert failures[0]["node"] == "n2" and "rank 1 stalled" in failures[0]["what"]
+    assert "requeueing (step" in log  # progress since the attempt began: requeued
+    assert checkpoint.verify(run / "checkpoints" / checkpoint.step_name(STEPS)) == []
+
+
 # Put on the tasks' PYTHONPATH: the training task on node n2 exits with code 1 as it starts, the
 # way a task on a broken node fails (the library has no test-only path for it). Every other
 # python of the job (the supervisor, the task on another node) runs as usual.
