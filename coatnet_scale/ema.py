@@ -64,8 +64,8 @@ class BufferEma:
     def load(self, saved: Mapping[str, torch.Tensor]) -> None:
         """Take saved statistics (read on the CPU) onto the rank's device; names the file lacks
         keep their current values (the EMA of those starts now)."""
-        self.shadow = {
-            name: saved[name].to(device=self.device, dtype=torch.float32)
+        self.shadow = {  # a copy: `update` works in place, and `saved` may be kept (a snapshot)
+            name: saved[name].to(device=self.device, dtype=torch.float32, copy=True)
             if name in saved
             else current
             for name, current in self.shadow.items()

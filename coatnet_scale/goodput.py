@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import psutil
 from coatnet_scale.distributed.slurm import queue_wait_s
 from coatnet_scale.files import atomic_write_text
 from coatnet_scale.text import duration
+from coatnet_scale.watchdog import HEARTBEAT_DIR
 
 GOODPUT_FILE = "goodput.json"
 TRAINING = ("forward", "backward", "optimizer", "collective")
@@ -47,6 +49,21 @@ def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
         return list(json.loads((run_dir / GOODPUT_FILE).read_text())["attempts"])
     except (OSError, ValueError, KeyError, TypeError):
         return []
+
+
+def last_heard(attempt: dict[str, Any], run_dir: Path) -> None:
+    """A killed attempt's ledger is as old as its last log interval; rank 0's heartbeat file
+    (`watchdog.py`, rewritten every few seconds) may know a later step and time. A step counts
+    as trained once its update is done (the phases after the optimizer)."""
+    try:
+        beat = json.loads((run_dir / HEARTBEAT_DIR / "rank-00000.json").read_text())
+    except (OSError, ValueError):
+        return
+    if (beat.get("host"), beat.get("pid")) != (attempt.get("host"), attempt.get("pid")):
+        return  # another attempt's, or an older ledger without host and pid
+    done = int(beat["step"]) + (beat["phase"] in ("collective", "eval", "checkpoint"))
+    attempt["last_step"] = max(attempt["last_step"], done)
+    attempt["wall_s"] = max(attempt.get("wall_s") or 0.0, beat["alive"] - attempt["started"])
 
 
 def mean_step_s(attempt: dict[str, Any]) -> float:
@@ -64,9 +81,14 @@ class GoodputLedger:
         lost = 0
         if self.earlier:
             previous = self.earlier[-1]
+            step_s = mean_step_s(previous)  # over the steps its own last record counted
+            if previous.get("ended") == "running":  # killed: its heartbeat saw it last
+                last_heard(previous, run_dir)
             lost = max(0, previous["last_step"] - start_step)
-            previous["lost_after_s"] = lost * mean_step_s(previous)
+            previous["lost_after_s"] = lost * step_s
         self.attempt: dict[str, Any] = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
             "job": os.environ.get("SLURM_JOB_ID", ""),
             "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
             "world_size": world_size,
@@ -79,8 +101,14 @@ class GoodputLedger:
             "lost_steps_rollback": 0,
             "lost_rollback_s": 0.0,
             "ended": "running",
+            "training_s": 0.0,
+            "data_stall_s": 0.0,
+            "eval_s": 0.0,
+            "checkpoint_s": 0.0,
+            "wall_s": 0.0,
         }
         self._training_at_snapshot = 0.0
+        self._write()  # an attempt that dies in set-up still has its entry
 
     def first_step(self) -> None:
         self.attempt["startup_s"] = time.time() - self.attempt["started"]
@@ -91,8 +119,9 @@ class GoodputLedger:
 
     def rolled_back(self, steps: int, phase_s: dict[str, float]) -> None:
         self.attempt["lost_steps_rollback"] += steps
-        lost = sum(phase_s[p] for p in TRAINING) - self._training_at_snapshot
-        self.attempt["lost_rollback_s"] += lost
+        now = sum(phase_s[p] for p in TRAINING)
+        self.attempt["lost_rollback_s"] += now - self._training_at_snapshot
+        self._training_at_snapshot = now  # a second rollback to it loses only what came after
 
     def update(self, step: int, phase_s: dict[str, float], ended: str = "running") -> None:
         """Record the attempt's progress (rank 0 writes the file)."""
@@ -102,9 +131,12 @@ class GoodputLedger:
         a["data_stall_s"] = phase_s["data"]
         a["eval_s"] = phase_s["eval"]
         a["checkpoint_s"] = phase_s["checkpoint"]
-        a["wall_s"] = time.time() - a["started"]
+        self._write()
+
+    def _write(self) -> None:
+        self.attempt["wall_s"] = time.time() - self.attempt["started"]
         if self.is_main:
-            record = {"attempts": [*self.earlier, a], "totals": self.totals()}
+            record = {"attempts": [*self.earlier, self.attempt], "totals": self.totals()}
             with contextlib.suppress(OSError):  # a ledger, never a reason to stop training
                 atomic_write_text(self.run_dir / GOODPUT_FILE, json.dumps(record, indent=1))
 

@@ -58,6 +58,7 @@ FREE_KEYS = (
     "checkpoint.allow_changes",
     "logging.",
     "distributed.",
+    "spike.",  # rollback on/off and its thresholds: the same experiment, resumed
 )
 
 

@@ -33,6 +33,7 @@ while. Here it is automatic (`spike.rollback`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -178,8 +179,9 @@ class SpikeRollback:
 
     def keep(self, done: int) -> None:
         """Snapshot the state after step `done` (all ranks together)."""
-        if self.good is not None:
+        if self.good is not None:  # freed first: never two snapshots in host memory
             self.good.snapshot.close()
+            self.good = None
         guard = self.guard
         self.good = GoodState(
             Snapshot.take(self.engine, done),
@@ -214,8 +216,9 @@ class SpikeRollback:
         assert self.good is not None, "a snapshot is kept when the loop starts"
         rollback = Rollback(done, self.good.snapshot.step, slots, reason, tuple(gather_keys()))
         self.rollbacks.append(rollback)
-        if self.is_main:
-            write_rollbacks(self.run_dir, self.rollbacks)
+        if self.is_main:  # rank 0 only: an error here must not leave the others in a collective
+            with contextlib.suppress(OSError):
+                write_rollbacks(self.run_dir, self.rollbacks)
         self.restore()
         return rollback
 

@@ -485,8 +485,10 @@ def watching(
     watchdog.start()
     try:
         yield
-    finally:
-        watchdog.stop()
+    except BaseException:
+        watchdog.stop(leaving_on_error=True)
+        raise
+    watchdog.stop()
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -519,6 +521,7 @@ def run_in(
     report_ranks(binding, env.rank, run_dir, cfg.data.num_workers, notes)
     seed_weights(cfg.train.seed)
     resume = Resume.find(cfg, run_dir, env.world_size, notes.append)
+    ledger = GoodputLedger(run_dir, env.is_main, resume.start_step, env.world_size)
     plan = BatchPlan(
         cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size
     )
@@ -577,7 +580,7 @@ def run_in(
             guard,
             from_rank0(read_rollbacks(run_dir) if env.is_main else None),
         ),
-        GoodputLedger(run_dir, env.is_main, start_step, env.world_size),
+        ledger,
         ThroughputWindow(6 * total_macs(cfg.model), peak_flops(cfg, engine.device, env.world_size)),
     )
     train_loader.skip([r.slots for r in loop.spikes.rollbacks])  # a resume skips them too
@@ -680,6 +683,7 @@ class TrainingLoop:
             guard.check()
         if outcome != "applied":
             return loss, lr, grad_norm, None
+        self.heartbeat.enter("checkpoint")  # a spike restores the snapshot: not a stall
         rollback = self.spikes.check(
             step + 1,
             loss,
@@ -687,6 +691,7 @@ class TrainingLoop:
             (first_slot, first_slot + self.plan.global_batch),
             lambda: [k for keys in gather(self.micro_batches.keys) for k in keys],
         )
+        self.heartbeat.enter("collective")
         if rollback is None and self.stats_ema is not None:
             self.stats_ema.update(engine.module)
         return loss, lr, grad_norm, rollback
@@ -749,6 +754,7 @@ class TrainingLoop:
         return True
 
     def keep_good_state(self, done: int) -> None:
+        self.heartbeat.enter("checkpoint")
         self.spikes.keep(done)
         self.ledger.good_state(self.heartbeat.total_s)
 

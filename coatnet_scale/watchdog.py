@@ -15,13 +15,19 @@ was. So:
   own clock, so the hosts' clocks need not agree. Which rank is named: a frozen one first, else
   the one furthest behind (step, then phase; the others wait for it in a collective), else the
   one stuck longest.
-- **Stacks and the end.** The watcher writes RUN/stall/report.json; every live rank's watchdog
-  sees it and writes its own stacks (`faulthandler`, all threads) to
-  RUN/stall/stacks-rank-NNNNN.txt; a live rank on the stalled rank's host takes that rank's
-  stacks from outside with py-spy (a frozen or stuck process cannot write its own). The watcher
-  prints one line naming the rank, host and phase, records exit code 7 (`coatnet_scale.exits`)
-  for the SLURM supervisor, and every live rank exits with 7. The launcher (DeepSpeed's, srun
-  --kill-on-bad-exit, torchrun) then ends the stalled rank too.
+- **Stacks and the end.** The first watcher to create RUN/stall/report.json prints one line
+  naming the rank, host and phase and records exit code 7 (`coatnet_scale.exits`, with the
+  rank's node for the SLURM supervisor) at once, before anything a launcher could cut short.
+  Every live rank's watchdog then writes its own stacks (`faulthandler`, all threads) to
+  RUN/stall/stacks-rank-NNNNN.txt, and a live rank on the stalled rank's host takes that rank's
+  stacks from outside with py-spy (a frozen or stuck process cannot write its own). The naming
+  watcher exits (7) last, once every live rank's stacks are in (RUN/stall/done); the others wait
+  for that, so the launcher (DeepSpeed's, srun --kill-on-bad-exit, torchrun), which ends every
+  rank once one exits, cuts nothing short.
+- **Whom to blame.** A rank that left on an error of its own says so in its last heartbeat
+  ("exited") and is never named; its error's exit record stands (the watchdog does not replace
+  it). When several live ranks are stuck at the same place (phase and step) no one rank can be
+  named: the line says so and no node is blamed.
 
 Set-up (process group, engine build, resume) happens before the watchdog starts and is not
 watched; everything from the first step to the final barrier is. The attempt's first step
@@ -34,6 +40,7 @@ the filesystem a few small writes per second.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import faulthandler
 import json
 import os
@@ -46,13 +53,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coatnet_scale.exits import EXIT_STALLED, record_exit
-from coatnet_scale.files import atomic_write_text
+from coatnet_scale.exits import EXIT_REASON_FILE, EXIT_STALLED, record_exit
 
-PHASES = ("setup", "data", "forward", "backward", "optimizer", "collective", "eval", "checkpoint")
+PHASES = (
+    "setup",
+    "data",
+    "forward",
+    "backward",
+    "optimizer",
+    "collective",
+    "eval",
+    "checkpoint",
+    "exited",  # the rank left training on an error: never the one named
+)
+WAITING = "collective"  # a rank stuck here waits for another; blamed after those that do not
+# Phases that may legitimately last long without a heartbeat (a synchronous save of a large
+# model, waiting for a background save, a snapshot restore, wandb's finish): a live rank in one
+# is given the first step's longer timeout.
+LONG_PHASES = ("setup", "checkpoint")
 HEARTBEAT_DIR = "heartbeat"
 STALL_DIR = "stall"
 REPORT = "report.json"
+DONE = "done"  # the naming watcher's marker: every live rank's stacks are in
 
 
 def heartbeat_interval(stall_timeout_s: float) -> float:
@@ -133,8 +155,17 @@ class Stall:
     frozen: bool  # the whole process stopped, not only its training thread
     silent_s: float
     node: str = ""
+    tied: tuple[int, ...] = ()  # other ranks stuck at the same place: no one rank to blame
 
     def line(self, run_dir: Path) -> str:
+        stacks = f"every rank's stacks are in {run_dir / STALL_DIR}"
+        if self.tied:
+            ranks = ", ".join(map(str, sorted((self.rank, *self.tied))))
+            return (
+                f"stall: ranks {ranks} stopped making progress for {self.silent_s:.0f} s, all in "
+                f"phase '{self.phase}' of step {self.step + 1}; no one rank can be named (the "
+                f"stacks show where each waits); {stacks}"
+            )
         what = (
             "stopped responding (its process is frozen or its node is gone)"
             if self.frozen
@@ -143,7 +174,7 @@ class Stall:
         return (
             f"stall: rank {self.rank} (host {self.host}, pid {self.pid}) {what} for "
             f"{self.silent_s:.0f} s, last heard in phase '{self.phase}' of step {self.step + 1}; "
-            f"every rank's stacks are in {run_dir / STALL_DIR}"
+            f"{stacks}"
         )
 
 
@@ -156,28 +187,48 @@ def find_stall(
 ) -> Stall | None:
     """The rank to name, when any rank has been silent for `timeout` seconds (see the module
     docstring for the order), else None. A live rank still in the attempt's first step
-    (`first_step`: compiling, the first collectives) is given `first_timeout` instead."""
+    (`first_step`: compiling, the first collectives), or while any rank is in a long phase
+    (`LONG_PHASES`), is given `first_timeout` instead; a frozen one never is."""
     silent = []
+    # a rank in a long phase makes the others wait for it (at the save's barrier): all get time
+    anyone_long = any(s.beat is not None and s.beat.phase in LONG_PHASES for s in seen.values())
     for rank, s in seen.items():
+        if s.beat is not None and s.beat.phase == "exited":
+            continue  # it left on an error of its own, which says what happened
         frozen_s, stuck_s = now - s.alive_changed, now - s.beats_changed
-        first = s.beat is None or s.beat.step <= first_step
-        stuck_after = first_timeout if first and first_timeout else timeout
-        if frozen_s >= timeout or stuck_s >= stuck_after:
-            silent.append((rank, frozen_s >= timeout, max(frozen_s, stuck_s)))
-    if not silent:
+        long = anyone_long or s.beat is None or s.beat.step <= first_step
+        stuck_after = first_timeout if long and first_timeout else timeout
+        due = frozen_s >= timeout or stuck_s >= stuck_after
+        # Changes are seen at poll times, each rank's file written on its own clock: ranks that
+        # stopped together cross the limit up to two intervals apart. Once one crosses it, every
+        # rank silent for half of it is a candidate, and the blame order below decides.
+        if frozen_s >= timeout / 2 or stuck_s >= stuck_after / 2:
+            silent.append((rank, frozen_s >= timeout / 2, max(frozen_s, stuck_s), due))
+    if not any(item[3] for item in silent):
         return None
+    silent = [item[:3] for item in silent]
+
+    def place(rank: int, frozen: bool) -> tuple:
+        beat = seen[rank].beat
+        waiting = beat is not None and beat.phase == WAITING
+        return (not frozen, waiting, beat.where() if beat is not None else (-1, 0))
 
     def blame(item: tuple[int, bool, float]) -> tuple:
         rank, frozen, silent_s = item
-        beat = seen[rank].beat
-        where = beat.where() if beat is not None else (-1, 0)
-        return (not frozen, where, -silent_s, rank)
+        return (*place(rank, frozen), -silent_s, rank)
 
     rank, frozen, silent_s = min(silent, key=blame)
+    tied = (
+        ()
+        if frozen
+        else tuple(r for r, f, _ in silent if r != rank and place(r, f) == place(rank, frozen))
+    )
     beat = seen[rank].beat
     if beat is None:  # never wrote a heartbeat: stuck before the first step
-        return Stall(rank, "?", 0, -1, "setup", frozen, silent_s)
-    return Stall(rank, beat.host, beat.pid, beat.step, beat.phase, frozen, silent_s, beat.node)
+        return Stall(rank, "?", 0, -1, "setup", frozen, silent_s, "", tied)
+    return Stall(
+        rank, beat.host, beat.pid, beat.step, beat.phase, frozen, silent_s, beat.node, tied
+    )
 
 
 def dump_own_stacks(path: Path) -> None:
@@ -249,46 +300,71 @@ class Watchdog:
     @staticmethod
     def clear(run_dir: Path) -> None:
         """Rank 0, before the ranks start their watchdogs: an earlier attempt's RUN/stall/ is
-        kept as RUN/stall.<time> (what the requeue was about), so this run's report is new."""
+        kept as RUN/stall.<time> (what the requeue was about), so this run's report is new; if
+        it cannot be moved, its report goes (a stale one would block this run's)."""
         old = run_dir / STALL_DIR
         if old.is_dir():
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
-            with contextlib.suppress(OSError):
-                old.rename(run_dir / f"{STALL_DIR}.{stamp}")
+            try:
+                old.rename(run_dir / f"{STALL_DIR}.{stamp}-{os.getpid()}")
+            except OSError:
+                for name in (REPORT, DONE):
+                    with contextlib.suppress(OSError):
+                        (old / name).unlink()
 
     def start(self) -> Watchdog:
         self.beat_dir.mkdir(exist_ok=True)
+        allow_stack_readers()
         started = time.monotonic()
         self.seen = {r: Seen(None, started, started) for r in range(self.world_size)}
         self._write_beat()
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, leaving_on_error: bool = False) -> None:
+        """End the thread; a rank leaving on an error says so in its last heartbeat, so the
+        watchers do not name it as stalled while the launcher ends the job."""
         self._stopped.set()
         self._thread.join(timeout=self.interval + 5)
+        if leaving_on_error:
+            self.heartbeat.enter("exited")
+            self._write_beat()
 
     def _path(self, rank: int) -> Path:
         return self.beat_dir / f"rank-{rank:05d}.json"
 
     def _write_beat(self) -> None:
+        """Replace this rank's heartbeat file. No fsync: a heartbeat is worth nothing after a
+        crash, and a filesystem that stalls on fsync would stall the watchdog too."""
         beats, step, phase, _ = self.heartbeat.state
         beat = Beat(
             self.rank, self.host, self.pid, self.token, beats, step, phase, time.time(), self.node
         )
+        path = self._path(self.rank)
+        tmp = path.with_name(f".{path.name}.{self.pid}.tmp")
         with contextlib.suppress(OSError):  # a full or flaky filesystem: retried next interval
-            atomic_write_text(self._path(self.rank), json.dumps(beat.__dict__))
+            tmp.write_text(json.dumps(beat.__dict__))
+            os.replace(tmp, path)
 
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stopped.wait(self.interval):
             self._write_beat()
             record = self._read_report()
             if record is not None:
-                self._end(record, named_by_me=False)
-            if self.watching:
-                stall = self._check()
-                if stall is not None:
-                    self._report(stall)
+                self._follow(record)
+            if not self.watching:
+                continue
+            now = time.monotonic()
+            if now - last > self.interval + self.timeout / 3:
+                # this thread itself was held up (a filesystem stall, a frozen host): what it
+                # did not see in that time is no evidence against the other ranks
+                for seen in self.seen.values():
+                    seen.alive_changed = seen.beats_changed = now
+            last = now
+            stall = self._check()
+            if stall is not None:
+                self._report(stall)
 
     def _read_report(self) -> dict | None:
         """This run's stall report, once a watcher wrote it (`Watchdog.clear` moved older ones
@@ -314,14 +390,45 @@ class Watchdog:
         return find_stall(self.seen, now, self.timeout, self.first_step, self.first_timeout)
 
     def _report(self, stall: Stall) -> None:
-        self.stall_dir.mkdir(exist_ok=True)
+        """Name the stall (once: the first watcher to create the report), at once: the line and
+        the exit record come before any stacks work, which a launcher may cut short. Then the
+        stacks, and this rank exits last, once every live rank's stacks are in."""
         line = stall.line(self.run_dir)
         record = {**stall.__dict__, "line": line, "by_rank": self.rank, "token": self.token}
-        named_by_me = create_exclusive(self.stall_dir / REPORT, json.dumps(record))
-        self._end(self._read_report() or record, named_by_me)
+        try:
+            self.stall_dir.mkdir(exist_ok=True)
+            named_by_me = create_exclusive(self.stall_dir / REPORT, json.dumps(record))
+        except OSError:
+            named_by_me = True  # nowhere to write: say it here, and end the job anyway
+        if not named_by_me:
+            self._follow(self._read_report() or record)
+            return
+        print(f"rank {self.rank}: {line}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # a tie names no rank: no node is blamed for it
+            who = (None, None) if stall.tied else (stall.rank, stall.node or stall.host)
+            record_exit_once(self.run_dir, line, *who)
+        self._stacks(record)
+        deadline = time.monotonic() + 2 * self.interval + 65  # py-spy may take up to 60 s
+        while time.monotonic() < deadline:
+            if len(list(self.stall_dir.glob("stacks-rank-*.txt"))) >= self.world_size:
+                break
+            time.sleep(0.5)
+        with contextlib.suppress(OSError):
+            (self.stall_dir / DONE).touch()
+        self._exit()
 
-    def _end(self, record: dict, named_by_me: bool) -> None:
-        """Stacks (own; the stalled rank's when it lives on this host), the line, exit 7."""
+    def _follow(self, record: dict) -> None:
+        """Another watcher named the stall: write this rank's stacks, then wait for the naming
+        watcher to finish collecting them (or be killed by the launcher when it exits)."""
+        print(f"rank {self.rank}: stopping: {record['line']}", file=sys.stderr, flush=True)
+        self._stacks(record)
+        deadline = time.monotonic() + 2 * self.interval + 75
+        while time.monotonic() < deadline and not (self.stall_dir / DONE).exists():
+            time.sleep(0.5)
+        self._exit()
+
+    def _stacks(self, record: dict) -> None:
+        """This rank's own stacks, and the stalled rank's when it lives on this host."""
         stalled = int(record["rank"])
         with contextlib.suppress(OSError):
             self.stall_dir.mkdir(exist_ok=True)
@@ -336,23 +443,25 @@ class Watchdog:
                 and create_exclusive(theirs, "")
             ):
                 dump_stacks_from_outside(int(record["pid"]), theirs)
-        if named_by_me:
-            # the other live ranks write their stacks within an interval of seeing the report
-            deadline = time.monotonic() + 2 * self.interval + 5
-            while time.monotonic() < deadline:
-                if len(list(self.stall_dir.glob("stacks-rank-*.txt"))) >= self.world_size:
-                    break
-                time.sleep(0.5)
-            print(f"rank {self.rank}: {record['line']}", file=sys.stderr, flush=True)
-            with contextlib.suppress(OSError):
-                node = record.get("node") or record["host"]  # SLURM's name for it, when known
-                record_exit(self.run_dir, EXIT_STALLED, record["line"], record["rank"], node)
-        else:
-            print(
-                f"rank {self.rank}: ending: rank {record['rank']} stalled "
-                f"({self.stall_dir / REPORT})",
-                file=sys.stderr,
-                flush=True,
-            )
+
+    @staticmethod
+    def _exit() -> None:
         sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(EXIT_STALLED)
+
+
+def record_exit_once(run_dir: Path, line: str, rank: int | None, host: str | None) -> None:
+    """Exit code 7 for the SLURM supervisor, unless a rank already recorded why it left (a data
+    or checkpoint error that left the others waiting): that reason stands."""
+    if not (run_dir / EXIT_REASON_FILE).exists():
+        record_exit(run_dir, EXIT_STALLED, line, rank, host)
+
+
+def allow_stack_readers() -> None:
+    """Let any process of this user read this one's stacks (py-spy from a sibling rank): with
+    Yama's ptrace_scope=1, the common default, only a parent may attach otherwise
+    (PR_SET_PTRACER, PR_SET_PTRACER_ANY; Linux only, a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(0x59616D61, ctypes.c_ulong(-1), 0, 0, 0)

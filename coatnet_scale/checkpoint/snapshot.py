@@ -71,12 +71,16 @@ class Snapshot:
     def restore(self, engine) -> None:
         """Weights, optimizer, loss scaler and engine counters as they were at `step`, and this
         rank's RNG streams."""
-        own = engine.checkpoint_engine
+        own, universal = engine.checkpoint_engine, engine._config.load_universal_checkpoint
         engine.checkpoint_engine = MemoryReader(self.files)
+        # A run resumed on another world size keeps DeepSpeed's `load_universal` set for the
+        # engine's life (`Resume.deepspeed_config`); the snapshot is in the ordinary layout.
+        engine._config.load_universal_checkpoint = False
         try:
             path, _ = engine.load_checkpoint(str(self.folder), tag=TAG, load_module_strict=True)
         finally:
             engine.checkpoint_engine = own
+            engine._config.load_universal_checkpoint = universal
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the step-{self.step} snapshot")
         overflow_at_min_scale_skips(engine)  # the loaded fp16 scaler replaced ours

@@ -292,10 +292,27 @@ class TrainLoader:
         self.start = int(state["samples_consumed"])
         self.skipped = [(int(a), int(b)) for a, b in state.get("skipped", [])]
         self.micro_batches_consumed = 0
+        self.skipped = [r for r in self.skipped if r[1] > self.start]  # the rest is behind
+        self._check_skipped()
 
     def skip(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Never read these slot ranges (whole steps') from here on; before iterating."""
-        self.skipped = sorted(set(self.skipped) | {(int(a), int(b)) for a, b in ranges})
+        """Never read these slot ranges (whole steps') from here on; before iterating. Ranges
+        behind the position are dropped."""
+        ahead = {(int(a), int(b)) for a, b in ranges if int(b) > self.start}
+        self.skipped = sorted(set(self.skipped) | ahead)
+        self._check_skipped()
+
+    def _check_skipped(self) -> None:
+        """Skipped ranges are whole steps: with another global batch a step would straddle one
+        (reading the bad samples, skipping good ones)."""
+        for first, end in self.skipped:
+            if end - first != self.plan.global_batch:
+                raise ValueError(
+                    f"slots {first}-{end - 1} were skipped after a loss spike as one step of "
+                    f"{end - first} samples; this run's global batch is "
+                    f"{self.plan.global_batch}: keep train.global_batch_size while those "
+                    "rollbacks are ahead of the data position"
+                )
 
     def __iter__(self) -> Iterator[dict]:
         stream = TrainStream(

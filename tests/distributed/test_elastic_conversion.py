@@ -148,10 +148,17 @@ def test_a_converter_dies_with_its_trainer_and_the_next_start_converts_afresh(
     assert converters() == [], "converter processes outlived their trainer"
     assert not (ckpt / UNIVERSAL).exists()  # the killed conversion never published
 
-    again = run_bounded(pretrain(run, manifest, 6, one_rank), REPO, env)
+    # The resumed run also meets a loss spike (slot 42 of step 6, tests/faults): its rollback
+    # restores the in-memory snapshot of step 4 in DeepSpeed's ordinary layout, although this
+    # engine loaded the universal one.
+    spiking = pretrain(run, manifest, 6, one_rank)
+    spiking += ["spike.rollback=true", "spike.min_history=1", "spike.snapshot_every=2"]
+    faults = {"PYTHONPATH": f"{REPO / 'tests' / 'faults'}:{REPO}", "COATNET_FAULT_BAD_SLOTS": "42"}
+    again = run_bounded(spiking, REPO, env | faults)
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr
     assert "converting" in log and "converted to" in log and "resumed from" in log
+    assert "loss spike at step 6" in log and "rolled back to step 4" in log, log[-3000:]
     assert (ckpt / UNIVERSAL).is_dir() and not list(ckpt.glob(".tmp-universal*"))
     assert (run / "checkpoints" / "step00000006").is_dir()
 

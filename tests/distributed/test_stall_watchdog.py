@@ -1,12 +1,15 @@
 """A stalled rank ends the job, named, with every rank's stacks: SIGSTOP one of two DeepSpeed
 ranks mid-run; the launcher exits with code 7 well before the collective timeout, one line names
 the rank, its host and its phase, RUN/stall/ holds both ranks' stacks (the stopped one's taken
-from outside with py-spy) and RUN/exit_reason.json names the rank for the SLURM supervisor."""
+from outside with py-spy) and RUN/exit_reason.json names the rank for the SLURM supervisor.
+Three ranks, one stuck but alive: it is named, not the ranks that wait for it, and every rank's
+stacks are in before the job ends."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -96,3 +99,54 @@ def test_a_stopped_rank_ends_the_job_named_with_every_ranks_stacks(tmp_path) -> 
     assert f"py-spy dump of pid {stopped_pid}" in theirs and "train.py" in theirs, theirs[:2000]
     reason = json.loads((run / "exit_reason.json").read_text())
     assert (reason["code"], reason["rank"], reason["host"]) == (EXIT_STALLED, 1, host)
+
+
+def test_a_stuck_but_live_rank_of_three_is_named_after_every_rank_left_its_stacks(
+    tmp_path,
+) -> None:
+    """Rank 1's training thread blocks in step 5's forward (tests/faults: a deadlock, not a
+    frozen process: its watchdog thread still writes). Ranks 0 and 2 wait for it in the gradient
+    reduction. One watcher names rank 1 (not the ranks that wait), every rank's stacks are
+    written before the job ends (rank 1's own show where it blocks), and the exit code is 7."""
+    data = shard_set(tmp_path, [20, 12])
+    run = tmp_path / "run"
+    args = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "3",
+        *DEBUG_PRETRAIN,
+        f"data.train_shards={data}",
+        "train.global_batch_size=12",
+        "train.micro_batch_size=4",
+        "train.total_steps=100000",
+        "logging.log_every=1",
+        "checkpoint.every_steps=0",
+        "checkpoint.every_minutes=0",
+        f"distributed.stall_timeout_s={STALL_S}",
+        f"train.run_dir={run}",
+    ]
+    faults = {"PYTHONPATH": f"{REPO / 'tests' / 'faults'}:{REPO}", "COATNET_FAULT_STUCK": "1:4"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **faults}
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        stop_tree(proc)
+    assert proc.returncode == EXIT_STALLED, out[-3000:]
+    named = re.findall(r"rank [02]: (stall: rank 1 \(host .*)", out)
+    assert len(named) == 1, out[-3000:]  # one watcher names it, the other follows
+    assert "stopped making progress" in named[0] and "phase 'forward' of step 5" in named[0]
+    stall = run / "stall"
+    report = json.loads((stall / "report.json").read_text())
+    assert (report["rank"], report["frozen"], report["tied"]) == (1, False, [])
+    assert (stall / "done").exists()
+    for rank in (0, 2):
+        assert "train.py" in (stall / f"stacks-rank-{rank:05d}.txt").read_text()
+    own = (stall / "stacks-rank-00001.resumed.txt").read_text()  # written by its watchdog
+    assert "sitecustomize.py" in own and "faulty" in own, own[:3000]
+    outside = (stall / "stacks-rank-00001.txt").read_text()  # py-spy, from a rank on its host
+    assert "py-spy dump of pid" in outside and "faulty" in outside, outside[:3000]
+    reason = json.loads((run / "exit_reason.json").read_text())
+    assert (reason["code"], reason["rank"]) == (EXIT_STALLED, 1)

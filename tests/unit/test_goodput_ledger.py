@@ -61,3 +61,31 @@ def test_the_queue_wait_comes_from_the_attempts_submit_and_start_times(monkeypat
     assert slurm.queue_wait_s({}) is None
     monkeypatch.setattr(slurm, "job_fields", lambda job: {})  # no scontrol
     assert slurm.queue_wait_s({"SLURM_JOB_ID": "7"}) is None
+
+
+def test_a_killed_attempt_is_charged_up_to_its_last_heartbeat(tmp_path: Path) -> None:
+    """Its ledger is as old as its last log (step 10); its heartbeat saw step 13 done."""
+    killed = {
+        "host": "n1",
+        "pid": 4242,
+        "started": 1000.0,
+        "first_step": 0,
+        "last_step": 10,
+        "training_s": 20.0,
+        "wall_s": 30.0,
+        "ended": "running",
+    }
+    (tmp_path / GOODPUT_FILE).write_text(json.dumps({"attempts": [killed]}))
+    (tmp_path / "heartbeat").mkdir()
+    beat = {"host": "n1", "pid": 4242, "step": 12, "phase": "collective", "alive": 1045.0}
+    (tmp_path / "heartbeat" / "rank-00000.json").write_text(json.dumps(beat))
+    ledger = GoodputLedger(tmp_path, True, 8, 2)  # resumed from the step-8 checkpoint
+    previous = ledger.earlier[0]
+    assert previous["last_step"] == 13 and previous["wall_s"] == 45.0
+    assert ledger.attempt["lost_steps_restart"] == 5
+    assert previous["lost_after_s"] == pytest.approx(5 * 2.0)  # at its logged 2 s per step
+    # a heartbeat of another process says nothing about this attempt
+    (tmp_path / GOODPUT_FILE).write_text(json.dumps({"attempts": [killed]}))
+    beat["pid"] = 1
+    (tmp_path / "heartbeat" / "rank-00000.json").write_text(json.dumps(beat))
+    assert GoodputLedger(tmp_path, True, 8, 2).attempt["lost_steps_restart"] == 2

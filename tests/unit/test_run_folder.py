@@ -43,6 +43,9 @@ def test_the_default_folder_is_one_per_experiment() -> None:
         "distributed.timeout_minutes=5",
         "data.num_workers=1",
         "train.ema_decay=0.9999",
+        "spike.rollback=true",  # the recipes turned it on: their runs stay where they were
+        "spike.loss_mads=8",
+        "distributed.stall_timeout_s=300",
     ):
         assert folder(same) == base, same
     # anything else is another experiment, in another folder

@@ -119,3 +119,11 @@ def test_a_spike_near_a_skipped_one_stops_the_run(tmp_path: Path) -> None:
         assert rollback.check(130, loss, 1.0, (0, 8), list) is None
     with pytest.raises(SpikeError, match="within 40 steps of the step-100 spike"):
         rollback.check(139, 50.0, 1.0, (8, 16), list)
+
+
+def test_skipped_steps_must_keep_their_global_batch(tmp_path) -> None:
+    plan = BatchPlan(4, 2, 0, 1)
+    ld = loader([load_manifest(shard_set(tmp_path, [12, 12]))], plan)
+    ld.skip([(0, 4)])  # one step of 4: fine
+    with pytest.raises(ValueError, match="global batch is 4"):
+        ld.skip([(8, 16)])  # skipped by a run at global batch 8

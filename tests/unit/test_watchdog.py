@@ -118,3 +118,30 @@ def test_a_live_rank_in_the_first_step_gets_the_longer_first_step_timeout() -> N
     assert find_stall(ranks, 1000.0, 30).rank == 1  # without it: the one furthest behind
     ranks[1] = seen(beat(1, 0, "forward"), 40, 100)
     assert find_stall(ranks, 1000.0, 30, first_step=0, first_timeout=900).rank == 1
+
+
+def test_ranks_stuck_at_the_same_place_name_no_one() -> None:
+    # all three alive and stuck in step 7's backward: which one hangs the reduction is unknown
+    ranks = {r: seen(beat(r, 7, "backward"), 1, 40 + r) for r in range(3)}
+    stall = find_stall(ranks, 1000.0, 30)
+    assert stall.tied == (0, 1) and stall.rank == 2  # silent longest, but not blamed
+    line = stall.line(Path("/r"))
+    assert line.startswith("stall: ranks 0, 1, 2 stopped making progress") and "no one rank" in line
+
+
+def test_a_rank_that_waits_is_blamed_after_one_that_does_not() -> None:
+    # rank 0 waits in the loss all-reduce; rank 1 is stuck in its optimizer step, same step
+    ranks = {0: seen(beat(0, 7, "collective"), 1, 40), 1: seen(beat(1, 7, "optimizer"), 1, 35)}
+    stall = find_stall(ranks, 1000.0, 30)
+    assert (stall.rank, stall.tied) == (1, ())
+
+
+def test_a_rank_that_left_on_an_error_is_never_named_and_long_phases_wait_longer() -> None:
+    ranks = {0: seen(beat(0, 7, "backward"), 1, 20), 1: seen(beat(1, 7, "exited"), 500, 500)}
+    assert find_stall(ranks, 1000.0, 30) is None
+    # a synchronous save of a large model: rank 1 writes, rank 0 waits for it at the barrier
+    ranks = {0: seen(beat(0, 9, "collective"), 1, 100), 1: seen(beat(1, 9, "checkpoint"), 1, 100)}
+    assert find_stall(ranks, 1000.0, 30, first_timeout=900) is None
+    assert find_stall(ranks, 1000.0, 30, first_timeout=90).rank == 1  # the save itself hung
+    ranks[1] = seen(beat(1, 9, "checkpoint"), 40, 100)  # frozen while saving: no grace
+    assert find_stall(ranks, 1000.0, 30, first_timeout=900).rank == 1
