@@ -51,19 +51,30 @@ def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def last_heard(attempt: dict[str, Any], run_dir: Path) -> None:
+def last_heard(attempt: dict[str, Any], run_dir: Path, step_s: float) -> float:
     """A killed attempt's ledger is as old as its last log interval; rank 0's heartbeat file
     (`watchdog.py`, rewritten every few seconds) may know a later step and time. A step counts
-    as trained once its update is done (the phases after the optimizer)."""
+    as trained once its update is done (the phases after the optimizer). The steps its last
+    record did not count are added at its own pace (`step_s`; without one, its wall time per
+    step); returns the pace used."""
     try:
         beat = json.loads((run_dir / HEARTBEAT_DIR / "rank-00000.json").read_text())
     except (OSError, ValueError):
-        return
-    if (beat.get("host"), beat.get("pid")) != (attempt.get("host"), attempt.get("pid")):
-        return  # another attempt's, or an older ledger without host and pid
+        return step_s
+    if (beat.get("host"), beat.get("pid")) != (attempt.get("host"), attempt.get("pid")) or (
+        beat.get("alive", 0.0) < attempt["started"]
+    ):
+        return step_s  # another attempt's (pids repeat), or an older ledger without host and pid
     done = int(beat["step"]) + (beat["phase"] in ("collective", "eval", "checkpoint"))
-    attempt["last_step"] = max(attempt["last_step"], done)
-    attempt["wall_s"] = max(attempt.get("wall_s") or 0.0, beat["alive"] - attempt["started"])
+    wall = beat["alive"] - attempt["started"]
+    later = done - attempt["last_step"]
+    if later > 0:
+        if step_s <= 0:
+            step_s = wall / max(done - attempt["first_step"], 1)
+        attempt["training_s"] = (attempt.get("training_s") or 0.0) + later * step_s
+        attempt["last_step"] = done
+    attempt["wall_s"] = max(attempt.get("wall_s") or 0.0, wall)
+    return step_s
 
 
 def mean_step_s(attempt: dict[str, Any]) -> float:
@@ -83,7 +94,7 @@ class GoodputLedger:
             previous = self.earlier[-1]
             step_s = mean_step_s(previous)  # over the steps its own last record counted
             if previous.get("ended") == "running":  # killed: its heartbeat saw it last
-                last_heard(previous, run_dir)
+                step_s = last_heard(previous, run_dir, step_s)
             lost = max(0, previous["last_step"] - start_step)
             previous["lost_after_s"] = lost * step_s
         self.attempt: dict[str, Any] = {

@@ -126,6 +126,7 @@ def evaluate(engine, loader, normalizer: Normalizer, heartbeat: Heartbeat) -> di
     """Top-1/top-5 and the mean cross-entropy over the validation shards, summed over ranks (each
     sample counted once). A heartbeat per batch: a long evaluation is not a stall."""
     device = engine.device
+    heartbeat.enter("eval")  # from here: the loader's start-up, a compile for eval mode
     engine.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, CE, count
     for batch in loader:
@@ -583,7 +584,10 @@ def run_in(
         ledger,
         ThroughputWindow(6 * total_macs(cfg.model), peak_flops(cfg, engine.device, env.world_size)),
     )
-    train_loader.skip([r.slots for r in loop.spikes.rollbacks])  # a resume skips them too
+    try:  # a resume skips them too
+        train_loader.skip([r.slots for r in loop.spikes.rollbacks])
+    except ValueError as err:  # the global batch changed: a requeue cannot fix it
+        raise CheckpointError(f"{run_dir / 'rollbacks.json'}: {err}") from None
     with watching(heartbeat, run_dir, env, cfg.distributed, start_step):
         resume.restore_rng(cfg.train.seed, env.rank, env.world_size)  # last: set-up draws no more
         final = loop.run(start_step)
@@ -651,6 +655,7 @@ class TrainingLoop:
             self.checkpoints.finish()  # the last checkpoint is committed before the run ends
             self.end(int(final["step"]), "stopped" if final.get("stopped") else "finished")
         except BaseException:
+            self.heartbeat.enter("exited")  # at once: the watchers never name a rank that failed
             self.ledger.update(int(final["step"]), self.heartbeat.total_s, "failed")
             raise
         finally:

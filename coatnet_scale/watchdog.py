@@ -13,7 +13,8 @@ was. So:
   process is frozen or its node gone) or whose phase count stops changing (its training thread
   is stuck) for `distributed.stall_timeout_s` has stalled. Changes are timed on the watcher's
   own clock, so the hosts' clocks need not agree. Which rank is named: a frozen one first, else
-  the one furthest behind (step, then phase; the others wait for it in a collective), else the
+  the one furthest behind in program order (the fewest phase changes: every rank makes the same
+  sequence of them, and the others wait for the laggard in a collective), else the
   one stuck longest.
 - **Stacks and the end.** The first watcher to create RUN/stall/report.json prints one line
   naming the rank, host and phase and records exit code 7 (`coatnet_scale.exits`, with the
@@ -66,11 +67,10 @@ PHASES = (
     "checkpoint",
     "exited",  # the rank left training on an error: never the one named
 )
-WAITING = "collective"  # a rank stuck here waits for another; blamed after those that do not
 # Phases that may legitimately last long without a heartbeat (a synchronous save of a large
-# model, waiting for a background save, a snapshot restore, wandb's finish): a live rank in one
-# is given the first step's longer timeout.
-LONG_PHASES = ("setup", "checkpoint")
+# model, waiting for a background save, a snapshot restore, wandb's finish, the first batch of
+# an evaluation): while a live rank is in one, the first step's longer timeout applies.
+LONG_PHASES = ("setup", "checkpoint", "eval")  # eval: loader start-up, a compile for eval
 HEARTBEAT_DIR = "heartbeat"
 STALL_DIR = "stall"
 REPORT = "report.json"
@@ -130,10 +130,6 @@ class Beat:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             return None  # not there yet, or being replaced
-
-    def where(self) -> tuple[int, int]:
-        """How far this rank got: behind means waited for."""
-        return self.step, PHASES.index(self.phase) if self.phase in PHASES else 0
 
 
 @dataclass
@@ -203,25 +199,26 @@ def find_stall(
         # stopped together cross the limit up to two intervals apart. Once one crosses it, every
         # rank silent for half of it is a candidate, and the blame order below decides.
         if frozen_s >= timeout / 2 or stuck_s >= stuck_after / 2:
-            silent.append((rank, frozen_s >= timeout / 2, max(frozen_s, stuck_s), due))
+            silent.append((rank, frozen_s >= timeout, max(frozen_s, stuck_s), due))
     if not any(item[3] for item in silent):
         return None
     silent = [item[:3] for item in silent]
 
-    def place(rank: int, frozen: bool) -> tuple:
+    def progress(rank: int) -> int:
+        """How far the rank got in program order: every rank makes the same sequence of
+        `Heartbeat.enter` calls, so the one with the fewest is the one the others wait for."""
         beat = seen[rank].beat
-        waiting = beat is not None and beat.phase == WAITING
-        return (not frozen, waiting, beat.where() if beat is not None else (-1, 0))
+        return beat.beats if beat is not None else -1
 
     def blame(item: tuple[int, bool, float]) -> tuple:
         rank, frozen, silent_s = item
-        return (*place(rank, frozen), -silent_s, rank)
+        return (not frozen, progress(rank), -silent_s, rank)
 
     rank, frozen, silent_s = min(silent, key=blame)
     tied = (
         ()
         if frozen
-        else tuple(r for r, f, _ in silent if r != rank and place(r, f) == place(rank, frozen))
+        else tuple(r for r, f, _ in silent if r != rank and progress(r) == progress(rank))
     )
     beat = seen[rank].beat
     if beat is None:  # never wrote a heartbeat: stuck before the first step
@@ -232,10 +229,13 @@ def find_stall(
 
 
 def dump_own_stacks(path: Path) -> None:
-    with open(path, "w") as out:
+    """Written under a temporary name and renamed: a stacks file that exists is complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as out:
         out.write(f"# rank stacks, pid {os.getpid()} on {socket.gethostname()}\n")
         out.flush()
         faulthandler.dump_traceback(file=out, all_threads=True)
+    os.replace(tmp, path)
 
 
 def dump_stacks_from_outside(pid: int, path: Path) -> None:
@@ -244,18 +244,21 @@ def dump_stacks_from_outside(pid: int, path: Path) -> None:
     also works on a SIGSTOPped process."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
-        path.write_text(f"py-spy is not installed: no stacks of pid {pid} (pip install py-spy)\n")
-        return
-    try:
-        out = subprocess.run(
-            [spy, "dump", "--nonblocking", "--pid", str(pid)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        path.write_text(f"# py-spy dump of pid {pid}\n{out.stdout}{out.stderr}")
-    except (OSError, subprocess.SubprocessError) as err:
-        path.write_text(f"py-spy dump --pid {pid} failed: {err}\n")
+        text = f"py-spy is not installed: no stacks of pid {pid} (pip install py-spy)\n"
+    else:
+        try:
+            out = subprocess.run(
+                [spy, "dump", "--nonblocking", "--pid", str(pid)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            text = f"# py-spy dump of pid {pid}\n{out.stdout}{out.stderr}"
+        except (OSError, subprocess.SubprocessError) as err:
+            text = f"py-spy dump --pid {pid} failed: {err}\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a stacks file that exists is complete
 
 
 def create_exclusive(path: Path, text: str) -> bool:
@@ -301,19 +304,18 @@ class Watchdog:
     def clear(run_dir: Path) -> None:
         """Rank 0, before the ranks start their watchdogs: an earlier attempt's RUN/stall/ is
         kept as RUN/stall.<time> (what the requeue was about), so this run's report is new; if
-        it cannot be moved, its report goes (a stale one would block this run's)."""
+        it cannot be moved, it goes (a stale report or stacks would pass for this run's)."""
         old = run_dir / STALL_DIR
         if old.is_dir():
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
             try:
                 old.rename(run_dir / f"{STALL_DIR}.{stamp}-{os.getpid()}")
-            except OSError:
-                for name in (REPORT, DONE):
-                    with contextlib.suppress(OSError):
-                        (old / name).unlink()
+            except OSError:  # its report and stacks would pass for this run's
+                shutil.rmtree(old, ignore_errors=True)
 
     def start(self) -> Watchdog:
         self.beat_dir.mkdir(exist_ok=True)
+        self.started_at = time.time()
         allow_stack_readers()
         started = time.monotonic()
         self.seen = {r: Seen(None, started, started) for r in range(self.world_size)}
@@ -347,24 +349,24 @@ class Watchdog:
             os.replace(tmp, path)
 
     def _run(self) -> None:
-        last = time.monotonic()
+        waited_from = time.monotonic()
         while not self._stopped.wait(self.interval):
+            now = time.monotonic()
+            held_up = now - waited_from > self.interval + self.timeout / 3
             self._write_beat()
             record = self._read_report()
             if record is not None:
                 self._follow(record)
-            if not self.watching:
-                continue
-            now = time.monotonic()
-            if now - last > self.interval + self.timeout / 3:
-                # this thread itself was held up (a filesystem stall, a frozen host): what it
-                # did not see in that time is no evidence against the other ranks
-                for seen in self.seen.values():
-                    seen.alive_changed = seen.beats_changed = now
-            last = now
-            stall = self._check()
-            if stall is not None:
-                self._report(stall)
+            if self.watching:
+                if held_up:
+                    # this thread itself was held up (a frozen host): what it did not see in
+                    # that time is no evidence against the other ranks
+                    for seen in self.seen.values():
+                        seen.alive_changed = seen.beats_changed = now
+                stall = self._check()
+                if stall is not None:
+                    self._report(stall)
+            waited_from = time.monotonic()
 
     def _read_report(self) -> dict | None:
         """This run's stall report, once a watcher wrote it (`Watchdog.clear` moved older ones
@@ -406,12 +408,13 @@ class Watchdog:
         print(f"rank {self.rank}: {line}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError):  # a tie names no rank: no node is blamed for it
             who = (None, None) if stall.tied else (stall.rank, stall.node or stall.host)
-            record_exit_once(self.run_dir, line, *who)
+            record_exit_once(self.run_dir, line, *who, since=self.started_at)
         self._stacks(record)
-        deadline = time.monotonic() + 2 * self.interval + 65  # py-spy may take up to 60 s
-        while time.monotonic() < deadline:
-            if len(list(self.stall_dir.glob("stacks-rank-*.txt"))) >= self.world_size:
-                break
+        # every rank that did not leave on its own error: its own stacks, or (the stalled one)
+        # the ones taken from outside; py-spy may take up to 60 s
+        expected = {r for r, s in self.seen.items() if s.beat is None or s.beat.phase != "exited"}
+        deadline = time.monotonic() + 2 * self.interval + 65
+        while time.monotonic() < deadline and not expected <= self._stacks_in():
             time.sleep(0.5)
         with contextlib.suppress(OSError):
             (self.stall_dir / DONE).touch()
@@ -427,6 +430,13 @@ class Watchdog:
             time.sleep(0.5)
         self._exit()
 
+    def _stacks_in(self) -> set[int]:
+        """Ranks whose stacks are written (complete files only: they are renamed into place)."""
+        return {
+            int(path.name.split("-")[2].split(".")[0])
+            for path in self.stall_dir.glob("stacks-rank-*.txt")
+        }
+
     def _stacks(self, record: dict) -> None:
         """This rank's own stacks, and the stalled rank's when it lives on this host."""
         stalled = int(record["rank"])
@@ -437,10 +447,11 @@ class Watchdog:
             own = "resumed.txt" if stalled == self.rank else "txt"
             dump_own_stacks(self.stall_dir / f"stacks-rank-{self.rank:05d}.{own}")
             theirs = self.stall_dir / f"stacks-rank-{stalled:05d}.txt"
+            claim = self.stall_dir / f".py-spy-rank-{stalled:05d}.claim"  # one rank runs it
             if (
                 stalled != self.rank
                 and record["host"] == self.host
-                and create_exclusive(theirs, "")
+                and create_exclusive(claim, str(self.rank))
             ):
                 dump_stacks_from_outside(int(record["pid"]), theirs)
 
@@ -451,10 +462,17 @@ class Watchdog:
         os._exit(EXIT_STALLED)
 
 
-def record_exit_once(run_dir: Path, line: str, rank: int | None, host: str | None) -> None:
-    """Exit code 7 for the SLURM supervisor, unless a rank already recorded why it left (a data
-    or checkpoint error that left the others waiting): that reason stands."""
-    if not (run_dir / EXIT_REASON_FILE).exists():
+def record_exit_once(
+    run_dir: Path, line: str, rank: int | None, host: str | None, since: float
+) -> None:
+    """Exit code 7 for the SLURM supervisor, unless a rank of this run (a record written since
+    `since`) already recorded why it left (a data or checkpoint error that left the others
+    waiting): that reason stands. An older record is another run's."""
+    try:
+        recorded = (run_dir / EXIT_REASON_FILE).stat().st_mtime >= since
+    except OSError:
+        recorded = False
+    if not recorded:
         record_exit(run_dir, EXIT_STALLED, line, rank, host)
 
 

@@ -84,6 +84,9 @@ def test_a_killed_attempt_is_charged_up_to_its_last_heartbeat(tmp_path: Path) ->
     assert previous["last_step"] == 13 and previous["wall_s"] == 45.0
     assert ledger.attempt["lost_steps_restart"] == 5
     assert previous["lost_after_s"] == pytest.approx(5 * 2.0)  # at its logged 2 s per step
+    assert previous["training_s"] == pytest.approx(20.0 + 3 * 2.0)  # steps 11-13 trained too
+    # so the steps it kept (0-8) count as good time, the 5 trained twice do not
+    assert ledger.totals()["training_s"] - ledger.totals()["lost_s"] == pytest.approx(16.0)
     # a heartbeat of another process says nothing about this attempt
     (tmp_path / GOODPUT_FILE).write_text(json.dumps({"attempts": [killed]}))
     beat["pid"] = 1

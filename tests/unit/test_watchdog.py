@@ -12,8 +12,9 @@ from coatnet_scale.stragglers import StragglerWatch
 from coatnet_scale.watchdog import Beat, Heartbeat, Seen, find_stall, heartbeat_interval
 
 
-def beat(rank: int, step: int, phase: str, host: str = "h") -> Beat:
-    return Beat(rank, f"{host}{rank}", 100 + rank, "t", 1, step, phase, 0.0)
+def beat(rank: int, step: int, phase: str, beats: int = 1) -> Beat:
+    """A heartbeat; `beats`: the phase changes so far (program order)."""
+    return Beat(rank, f"h{rank}", 100 + rank, "t", beats, step, phase, 0.0)
 
 
 def seen(b: Beat, alive_ago: float, beats_ago: float, now: float = 1000.0) -> Seen:
@@ -40,18 +41,17 @@ def test_a_frozen_rank_is_named_before_ranks_that_wait_for_it() -> None:
 
 def test_among_live_stuck_ranks_the_one_furthest_behind_is_named() -> None:
     # all alive; rank 2 is stuck reading data of step 7 while the others wait in step 7's
-    # gradient reduction (backward)
+    # gradient reduction (backward): it made the fewest phase changes
     ranks = {
-        0: seen(beat(0, 7, "backward"), 1, 31),
-        1: seen(beat(1, 7, "backward"), 1, 31),
-        2: seen(beat(2, 7, "data"), 1, 45),
-        3: seen(beat(3, 7, "backward"), 1, 31),
+        0: seen(beat(0, 7, "backward", 31), 1, 31),
+        1: seen(beat(1, 7, "backward", 31), 1, 31),
+        2: seen(beat(2, 7, "data", 29), 1, 45),
+        3: seen(beat(3, 7, "backward", 31), 1, 31),
     }
     stall = find_stall(ranks, 1000.0, 30)
     assert (stall.rank, stall.frozen, stall.phase, stall.step) == (2, False, "data", 7)
     assert "stopped making progress" in stall.line(Path("/r"))
-    # a rank an earlier step behind is further behind than any phase of the current step
-    ranks[3] = seen(beat(3, 6, "optimizer"), 1, 31)
+    ranks[3] = seen(beat(3, 6, "optimizer", 27), 1, 31)  # a step behind
     assert find_stall(ranks, 1000.0, 30).rank == 3
 
 
@@ -113,7 +113,10 @@ def test_a_skew_under_five_percent_of_the_step_is_no_straggler() -> None:
 def test_a_live_rank_in_the_first_step_gets_the_longer_first_step_timeout() -> None:
     # rank 1 has been compiling step 1 for 100 s: not a stall before the first-step timeout;
     # a frozen rank gets no such grace
-    ranks = {0: seen(beat(0, 0, "backward"), 1, 100), 1: seen(beat(1, 0, "forward"), 1, 100)}
+    ranks = {
+        0: seen(beat(0, 0, "backward", 4), 1, 100),
+        1: seen(beat(1, 0, "forward", 3), 1, 100),
+    }
     assert find_stall(ranks, 1000.0, 30, first_step=0, first_timeout=900) is None
     assert find_stall(ranks, 1000.0, 30).rank == 1  # without it: the one furthest behind
     ranks[1] = seen(beat(1, 0, "forward"), 40, 100)
@@ -129,19 +132,27 @@ def test_ranks_stuck_at_the_same_place_name_no_one() -> None:
     assert line.startswith("stall: ranks 0, 1, 2 stopped making progress") and "no one rank" in line
 
 
-def test_a_rank_that_waits_is_blamed_after_one_that_does_not() -> None:
-    # rank 0 waits in the loss all-reduce; rank 1 is stuck in its optimizer step, same step
-    ranks = {0: seen(beat(0, 7, "collective"), 1, 40), 1: seen(beat(1, 7, "optimizer"), 1, 35)}
+def test_the_rank_named_is_the_one_the_others_wait_for_whatever_its_phase() -> None:
+    # rank 0 hangs in its rank-0-only logging after step 7 (phase 'collective'); ranks 1 and 2
+    # went on into step 8 and wait for it in the gradient reduction
+    ranks = {
+        0: seen(beat(0, 7, "collective", 40), 1, 45),
+        1: seen(beat(1, 8, "backward", 43), 1, 40),
+        2: seen(beat(2, 8, "backward", 43), 1, 40),
+    }
     stall = find_stall(ranks, 1000.0, 30)
-    assert (stall.rank, stall.tied) == (1, ())
+    assert (stall.rank, stall.tied, stall.phase) == (0, (), "collective")
 
 
 def test_a_rank_that_left_on_an_error_is_never_named_and_long_phases_wait_longer() -> None:
     ranks = {0: seen(beat(0, 7, "backward"), 1, 20), 1: seen(beat(1, 7, "exited"), 500, 500)}
     assert find_stall(ranks, 1000.0, 30) is None
     # a synchronous save of a large model: rank 1 writes, rank 0 waits for it at the barrier
-    ranks = {0: seen(beat(0, 9, "collective"), 1, 100), 1: seen(beat(1, 9, "checkpoint"), 1, 100)}
+    ranks = {
+        0: seen(beat(0, 9, "checkpoint", 41), 1, 100),
+        1: seen(beat(1, 9, "checkpoint", 40), 1, 100),
+    }
     assert find_stall(ranks, 1000.0, 30, first_timeout=900) is None
     assert find_stall(ranks, 1000.0, 30, first_timeout=90).rank == 1  # the save itself hung
-    ranks[1] = seen(beat(1, 9, "checkpoint"), 40, 100)  # frozen while saving: no grace
+    ranks[1] = seen(beat(1, 9, "checkpoint", 40), 40, 100)  # frozen while saving: no grace
     assert find_stall(ranks, 1000.0, 30, first_timeout=900).rank == 1
