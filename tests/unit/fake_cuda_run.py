@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,26 @@ from coatnet_scale.ema import BufferEma
 from tests.distributed.scenarios import debug_run
 
 GIB = 2**30
+
+
+class FakeEvent:
+    """torch.cuda.Event on the host clock, recording the device it was recorded on (the
+    straggler report times forward passes with events)."""
+
+    recorded_on: list[int] = []
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.at = 0.0
+
+    def record(self, stream=None) -> None:
+        self.at = time.perf_counter()
+        FakeEvent.recorded_on.append(torch.cuda.current_device())
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return (end.at - self.at) * 1e3
 
 
 class FakeNode:
@@ -77,6 +98,7 @@ class FakeNode:
             setattr(cuda, name, self.memory_query(lambda: GIB))
         cuda.reset_peak_memory_stats = self.memory_query(lambda: None)
         cuda.synchronize = lambda device=None: None
+        cuda.Event = FakeEvent
         # torch's own optimizers ask the accelerator API for CUDA-graph capture: no accelerator
         torch.accelerator.current_accelerator = lambda check_available=False: None
 
@@ -200,6 +222,7 @@ def main() -> None:
         "cuda_rng_restored_on": node.rng_restored_on,
         "requested": dict(mode.requested),
         "memory_asked_on": node.memory_asked_on,
+        "events_recorded_on": FakeEvent.recorded_on,
         "train_micro_batches": micro_batches,
         "ranks": json.loads((out / "run" / "ranks.json").read_text()),
     }

@@ -60,6 +60,11 @@ def test_memory_is_read_on_the_ranks_gpu(report) -> None:
     assert report["memory_asked_on"] and set(report["memory_asked_on"]) == {5}
 
 
+def test_forward_passes_are_timed_on_the_ranks_gpu(report) -> None:
+    """The straggler report's CUDA events (stragglers.DeviceForwardClock)."""
+    assert report["events_recorded_on"] and set(report["events_recorded_on"]) == {5}
+
+
 def test_the_restored_ema_and_rng_land_on_the_ranks_gpu(report) -> None:
     [(moved, tensors)] = report["ema_load_requests"]  # the second run resumed with EMA
     assert tensors > 0 and moved == tensors
