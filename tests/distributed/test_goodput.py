@@ -82,8 +82,11 @@ def test_a_preempted_run_charges_the_steps_since_its_last_checkpoint(tmp_path) -
     moved = [json.loads(line) for line in rewound.open()] if rewound.exists() else []
     assert {r["step"] for r in moved if "loss" in r} <= set(range(kept + 1, reached + 1))
     # their time is charged at the killed attempt's own mean step time
-    step_s = before["training_s"] / (killed_at["last_step"] - before["first_step"])
+    step_s = killed_at["training_s"] / (killed_at["last_step"] - killed_at["first_step"])
     assert before["lost_after_s"] == pytest.approx(lost * step_s)
+    # the steps after its last record count as trained, at that pace
+    unrecorded = reached - killed_at["last_step"]
+    assert before["training_s"] == pytest.approx(killed_at["training_s"] + unrecorded * step_s)
     totals = ledger["totals"]
     assert totals["lost_steps"] == lost and totals["lost_s"] == before["lost_after_s"]
     assert (after["last_step"], after["ended"], before["ended"]) == (STEPS, "finished", "running")
