@@ -366,7 +366,7 @@ class SpikeConfig:
     loss_min_ratio: float = option(
         1.5,
         "... and above this multiple of their median (late in training the MAD collapses: "
-        "6 MADs were a 5% rise on the measured curve, bench/spike_thresholds.py)",
+        "6 MADs were a 2% rise on the measured curve, bench/spike_thresholds.py)",
     )
     grad_factor: float = option(
         30.0,

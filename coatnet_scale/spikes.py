@@ -11,7 +11,7 @@ while. Here it is automatic (`spike.rollback`):
   a gradient norm above `spike.grad_factor` x its median over them, once `spike.min_history`
   steps are known. Spikes do not enter the history. The relative floor and the gradient factor
   depart from the plain 6-MAD / 10x rule by measurement (`bench/spike_thresholds.py`): near
-  convergence the losses sit at the label-smoothing floor, the MAD collapses and a 5% rise was
+  convergence the losses sit at the label-smoothing floor, the MAD collapses and a 20% rise was
   58 MADs; clean gradient norms reached 17x their median.
 - **The last good state** is an in-memory snapshot (`checkpoint/snapshot.py`: DeepSpeed's own
   checkpoint captured in host memory, as the asynchronous save captures it), taken when the loop
