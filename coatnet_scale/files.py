@@ -37,21 +37,25 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file under a temporary name in the same folder, fsync, then rename over `path`."""
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
+    """Write a file under a temporary name in the same folder, fsync, then rename over `path`.
+    `durable=False` skips the fsyncs: readers still never see a partial file, but a crash may
+    lose it (a heartbeat, worthless after a crash, on a filesystem that may stall on fsync)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; manifests and pointers are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def free_name(path: Path) -> Path:

@@ -44,6 +44,10 @@ GOODPUT_FILE = "goodput.json"
 TRAINING = ("forward", "backward", "optimizer", "collective")
 
 
+def training_time(phase_s: dict[str, float]) -> float:
+    return sum(phase_s[p] for p in TRAINING)
+
+
 def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
     try:
         return list(json.loads((run_dir / GOODPUT_FILE).read_text())["attempts"])
@@ -126,11 +130,11 @@ class GoodputLedger:
 
     def good_state(self, phase_s: dict[str, float]) -> None:
         """A snapshot was kept: a rollback loses the training time after this."""
-        self._training_at_snapshot = sum(phase_s[p] for p in TRAINING)
+        self._training_at_snapshot = training_time(phase_s)
 
     def rolled_back(self, steps: int, phase_s: dict[str, float]) -> None:
         self.attempt["lost_steps_rollback"] += steps
-        now = sum(phase_s[p] for p in TRAINING)
+        now = training_time(phase_s)
         self.attempt["lost_rollback_s"] += now - self._training_at_snapshot
         self._training_at_snapshot = now  # a second rollback to it loses only what came after
 
@@ -138,7 +142,7 @@ class GoodputLedger:
         """Record the attempt's progress (rank 0 writes the file)."""
         a = self.attempt
         a["last_step"], a["ended"] = step, ended
-        a["training_s"] = sum(phase_s[p] for p in TRAINING)
+        a["training_s"] = training_time(phase_s)
         a["data_stall_s"] = phase_s["data"]
         a["eval_s"] = phase_s["eval"]
         a["checkpoint_s"] = phase_s["checkpoint"]

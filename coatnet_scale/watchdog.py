@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coatnet_scale.exits import EXIT_REASON_FILE, EXIT_STALLED, record_exit
+from coatnet_scale.files import atomic_write_text
 
 PHASES = (
     "setup",
@@ -91,14 +92,13 @@ class Heartbeat:
 
     def __init__(self) -> None:
         self.state: tuple[int, int, str, float] = (0, 0, "setup", time.time())
-        self.phase_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.total_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._taken = dict(self.total_s)  # the totals at the last `take_phase_times`
         self._mark = time.perf_counter()
 
     def enter(self, phase: str, step: int | None = None) -> None:
         now = time.perf_counter()
         beats, old_step, old_phase, _ = self.state
-        self.phase_s[old_phase] += now - self._mark
         self.total_s[old_phase] += now - self._mark
         self._mark = now
         self.state = (beats + 1, old_step if step is None else step, phase, time.time())
@@ -106,7 +106,8 @@ class Heartbeat:
     def take_phase_times(self) -> dict[str, float]:
         """Seconds per phase since the last call (the current phase counted up to now)."""
         self.enter(self.state[2])
-        times, self.phase_s = self.phase_s, dict.fromkeys(PHASES, 0.0)
+        times = {p: self.total_s[p] - self._taken[p] for p in PHASES}
+        self._taken = dict(self.total_s)
         return times
 
 
@@ -256,9 +257,7 @@ def dump_stacks_from_outside(pid: int, path: Path) -> None:
             text = f"# py-spy dump of pid {pid}\n{out.stdout}{out.stderr}"
         except (OSError, subprocess.SubprocessError) as err:
             text = f"py-spy dump --pid {pid} failed: {err}\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a stacks file that exists is complete
+    atomic_write_text(path, text, durable=False)  # a stacks file that exists is complete
 
 
 def create_exclusive(path: Path, text: str) -> bool:
@@ -342,11 +341,8 @@ class Watchdog:
         beat = Beat(
             self.rank, self.host, self.pid, self.token, beats, step, phase, time.time(), self.node
         )
-        path = self._path(self.rank)
-        tmp = path.with_name(f".{path.name}.{self.pid}.tmp")
         with contextlib.suppress(OSError):  # a full or flaky filesystem: retried next interval
-            tmp.write_text(json.dumps(beat.__dict__))
-            os.replace(tmp, path)
+            atomic_write_text(self._path(self.rank), json.dumps(beat.__dict__), durable=False)
 
     def _run(self) -> None:
         waited_from = time.monotonic()

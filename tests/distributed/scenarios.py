@@ -25,6 +25,7 @@ from coatnet_scale.distributed.engine import (
 from coatnet_scale.distributed.env import dist_env
 from coatnet_scale.optim import param_groups
 from coatnet_scale.spikes import ROLLBACKS_FILE
+from tests.faults.hooks import plant_bad_samples
 
 STEPS = 4
 SCENARIOS = {
@@ -154,22 +155,6 @@ def inject_nan_on_rank1_at_step(step_to_poison: int) -> None:
         return loss
 
     training.classification_loss = poisoned
-
-
-def plant_bad_samples(slots: tuple[int, ...]) -> None:
-    """A test-only fault: the targets of these slots are scaled by 1e4, so their loss (and its
-    gradient) is 1e4 times a normal one, as a corrupted record's would be. Scaled pixels do not
-    make this model spike (measured: the loss stayed at 1.15 with pixels x1e4): its BatchNorm
-    and its head's LayerNorm normalise them away."""
-    original = BatchAugment.__call__
-
-    def scaled(self, crops, augment, mix, slot, labels, valid):
-        images, targets = original(self, crops, augment, mix, slot, labels, valid)
-        bad = torch.isin(slot, torch.tensor(slots)).to(targets.device)
-        targets[bad] = targets[bad] * 1e4
-        return images, targets
-
-    BatchAugment.__call__ = scaled
 
 
 def slow_rank1(seconds: float) -> None:

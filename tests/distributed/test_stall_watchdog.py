@@ -46,13 +46,13 @@ def heard_phase(run: Path, rank: int) -> str | None:
         return None
 
 
-def test_a_stopped_rank_ends_the_job_named_with_every_ranks_stacks(tmp_path) -> None:
-    data = shard_set(tmp_path, [20, 12])
-    run = tmp_path / "run"
-    args = [
+def endless_run(data: Path, run: Path, ranks: int) -> list[str]:
+    """`ranks` DeepSpeed ranks training the debug model until stopped, logging every step, with
+    the watchdog at STALL_S."""
+    return [
         str(BIN / "deepspeed"),
         "--num_gpus",
-        "2",
+        str(ranks),
         *DEBUG_PRETRAIN,
         f"data.train_shards={data}",
         "train.total_steps=100000",
@@ -62,6 +62,11 @@ def test_a_stopped_rank_ends_the_job_named_with_every_ranks_stacks(tmp_path) -> 
         f"distributed.stall_timeout_s={STALL_S}",
         f"train.run_dir={run}",
     ]
+
+
+def test_a_stopped_rank_ends_the_job_named_with_every_ranks_stacks(tmp_path) -> None:
+    run = tmp_path / "run"
+    args = endless_run(shard_set(tmp_path, [20, 12]), run, ranks=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -108,23 +113,9 @@ def test_a_stuck_but_live_rank_of_three_is_named_after_every_rank_left_its_stack
     frozen process: its watchdog thread still writes). Ranks 0 and 2 wait for it in the gradient
     reduction. One watcher names rank 1 (not the ranks that wait), every rank's stacks are
     written before the job ends (rank 1's own show where it blocks), and the exit code is 7."""
-    data = shard_set(tmp_path, [20, 12])
     run = tmp_path / "run"
-    args = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "3",
-        *DEBUG_PRETRAIN,
-        f"data.train_shards={data}",
-        "train.global_batch_size=12",
-        "train.micro_batch_size=4",
-        "train.total_steps=100000",
-        "logging.log_every=1",
-        "checkpoint.every_steps=0",
-        "checkpoint.every_minutes=0",
-        f"distributed.stall_timeout_s={STALL_S}",
-        f"train.run_dir={run}",
-    ]
+    args = endless_run(shard_set(tmp_path, [20, 12]), run, ranks=3)
+    args += ["train.global_batch_size=12", "train.micro_batch_size=4"]
     faults = {"PYTHONPATH": f"{REPO / 'tests' / 'faults'}:{REPO}", "COATNET_FAULT_STUCK": "1:4"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", **faults}
     proc = subprocess.Popen(
@@ -145,7 +136,7 @@ def test_a_stuck_but_live_rank_of_three_is_named_after_every_rank_left_its_stack
     for rank in (0, 2):
         assert "train.py" in (stall / f"stacks-rank-{rank:05d}.txt").read_text()
     own = (stall / "stacks-rank-00001.resumed.txt").read_text()  # written by its watchdog
-    assert "sitecustomize.py" in own and "faulty" in own, own[:3000]
+    assert "hooks.py" in own and "faulty" in own, own[:3000]
     outside = (stall / "stacks-rank-00001.txt").read_text()  # py-spy, from a rank on its host
     assert "py-spy dump of pid" in outside and "faulty" in outside, outside[:3000]
     reason = json.loads((run / "exit_reason.json").read_text())

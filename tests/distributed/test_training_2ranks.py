@@ -393,7 +393,7 @@ def test_an_ema_started_on_resume_starts_from_the_loaded_weights(results: Path) 
 def test_a_loss_spike_rolls_back_past_its_samples_like_a_run_told_up_front(
     results: Path, name: str
 ) -> None:
-    """Two samples of step 10 carry a 1e4 times larger loss (scenarios.plant_bad_samples). The
+    """Two samples of step 10 carry a 1e4 times larger loss (faults.hooks). The
     run rolls back once, to its step-8 in-memory snapshot, skips exactly step 10's slots (naming
     their samples), cools the LR from step 9 and finishes; its weights and EMA equal, bitwise, a
     run that started with that record and never saw the bad samples (ZeRO-0 fp32 with our
